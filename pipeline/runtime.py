@@ -1,0 +1,147 @@
+"""How stages are run: welded by bounded channels, ordered per conversation, stopped safely.
+
+Two kinds of stage runner:
+
+* :func:`sequential_stage` -- one task, items in arrival order (intake, dedupe, turn assembly,
+  outcomes: cheap work whose order across conversations matters, or batched I/O).
+* :func:`keyed_stage` -- per-conversation lanes: items with the same key are handled one at a
+  time in arrival order, different keys concurrently, at most ``max_active`` keys at once.
+  A lane exists only while its conversation has work: when its queue is empty the lane task
+  ends and its state is released, so memory follows the number of *busy* conversations,
+  not the number ever seen.
+
+Both close their output when their input is exhausted and every item is out, so the end of
+a finite source drains the whole pipeline. A full output channel blocks the stage, which
+stops reading its input: backpressure reaches back to the source. A slow conversation only
+fills its own lane (``lane_capacity`` items); the others keep flowing until it is full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import trio
+from loguru import logger
+
+from pipeline.metrics import StageMetrics
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+Handler = Callable[[Any], Awaitable[Sequence[Any]]]
+ErrorHandler = Callable[[Any, Exception], Awaitable[Sequence[Any]]]
+
+
+class Keyed(Protocol):
+    @property
+    def key(self) -> Hashable: ...
+
+
+def _timed(out: Any, stage: str, ms: float) -> Any:
+    timed = getattr(out, "timed", None)
+    return timed(stage, ms) if timed is not None else out
+
+
+async def _handle(item: Any, handler: Handler, on_error: ErrorHandler | None,
+                  stats: StageMetrics) -> Sequence[Any]:
+    start = time.perf_counter()
+    try:
+        outputs = await handler(item)
+    except Exception as exc:
+        stats.errors += 1
+        if on_error is None:
+            logger.bind(stage=stats.name).opt(exception=exc).error(
+                "stage {} failed on an item and dropped it", stats.name)
+            stats.dropped += 1
+            return ()
+        outputs = await on_error(item, exc)
+    ms = (time.perf_counter() - start) * 1000
+    stats.latency.record(ms)
+    return [_timed(out, stats.name, ms) for out in outputs]
+
+
+async def _emit(outputs: Sequence[Any], send: trio.MemorySendChannel[Any],
+                stats: StageMetrics) -> None:
+    for out in outputs:
+        await send.send(out)
+        stats.sent += 1
+
+
+async def sequential_stage(
+    handler: Handler, recv: trio.MemoryReceiveChannel[Any], send: trio.MemorySendChannel[Any],
+    stats: StageMetrics, *, on_error: ErrorHandler | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Handle items one at a time, in order; close ``send`` when ``recv`` is exhausted."""
+    with send, recv:
+        task_status.started()
+        async for item in recv:
+            stats.received += 1
+            stats.queued(recv.statistics().current_buffer_used)
+            await _emit(await _handle(item, handler, on_error, stats), send, stats)
+
+
+async def batch_stage(
+    handler: Handler, recv: trio.MemoryReceiveChannel[Any], send: trio.MemorySendChannel[Any],
+    stats: StageMetrics, *, max_batch: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Like :func:`sequential_stage`, but hand the handler every item already waiting
+    (up to ``max_batch``) at once, so one round trip can serve many items in order."""
+    with send, recv:
+        task_status.started()
+        async for first in recv:
+            batch = [first]
+            while len(batch) < max_batch:
+                try:
+                    batch.append(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            stats.received += len(batch)
+            stats.queued(recv.statistics().current_buffer_used + len(batch))
+            await _emit(await _handle(batch, handler, None, stats), send, stats)
+
+
+async def keyed_stage(
+    handler: Handler, recv: trio.MemoryReceiveChannel[Any], send: trio.MemorySendChannel[Any],
+    stats: StageMetrics, *, max_active: int, lane_capacity: int,
+    on_error: ErrorHandler | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Per-key ordered, cross-key concurrent handling (see the module docstring)."""
+    if lane_capacity < 1:
+        raise ValueError("lane_capacity must be >= 1 (a lane must buffer the item it starts with)")
+    lanes: dict[Hashable, trio.MemorySendChannel[Any]] = {}
+    slots = trio.CapacityLimiter(max_active)
+
+    async def run_lane(key: Hashable, lane: trio.MemoryReceiveChannel[Any], token: object) -> None:
+        try:
+            with lane:
+                while True:
+                    item = lane.receive_nowait()
+                    await _emit(await _handle(item, handler, on_error, stats), send, stats)
+                    if lane.statistics().current_buffer_used == 0:
+                        del lanes[key]  # no await since the check: nothing can slip in
+                        stats.active = len(lanes)
+                        return
+        finally:
+            slots.release_on_behalf_of(token)
+
+    with send, recv:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for item in recv:
+                stats.received += 1
+                stats.queued(recv.statistics().current_buffer_used)
+                key = item.key
+                if key not in lanes:
+                    token = object()
+                    await slots.acquire_on_behalf_of(token)
+                    lane_send, lane_recv = trio.open_memory_channel[Any](lane_capacity)
+                    lanes[key] = lane_send
+                    stats.active = len(lanes)
+                    nursery.start_soon(run_lane, key, lane_recv, token, name=f"lane {key}")
+                await lanes[key].send(item)
+

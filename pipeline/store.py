@@ -1,0 +1,266 @@
+"""The store API: every SQL statement the stages need, each one round trip.
+
+Stages call these methods and never see a connection. Each method borrows a pooled
+connection for exactly one statement (no Turn ever holds a connection while it waits for
+another), runs under ``query_timeout_s`` and translates psycopg errors into
+:class:`pipeline.db.DatabaseError` subclasses. Writes that belong together are one statement
+(data-modifying CTEs), so a cancellation can never leave half of them behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+from psycopg.types.json import Jsonb
+
+from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
+from pipeline.records import InboundMessage, Invalid, Turn, TurnContext
+
+
+class QueryTimeout(DatabaseUnavailable):
+    """A statement did not finish within ``database.query_timeout_s``."""
+
+
+@attrs.frozen
+class InstanceRow:
+    name: str
+    phone_number_id: str
+    evolution_instance: str
+    settings: dict[str, Any]
+
+
+@attrs.frozen
+class TurnEffects:
+    """Everything a finished Turn writes, committed together by :meth:`Store.commit_turn`."""
+
+    turn: Turn
+    action: str
+    reason: str | None
+    reply_text: str | None
+    outbox: tuple[tuple[str, str, str, dict[str, Any]], ...]  # (key, kind, target, payload)
+    delivered: bool
+
+
+def message_json(msg: InboundMessage) -> dict[str, Any]:
+    """The inbox copy of a message: enough to rebuild it after a restart."""
+    return {
+        "instance": msg.instance, "message_id": msg.message_id, "sender": msg.sender,
+        "kind": msg.kind, "text": msg.text, "sent_at": msg.sent_at.isoformat(),
+        "received_at": msg.received_at.isoformat(), "format": msg.format,
+        "sender_name": msg.sender_name, "media_id": msg.media_id, "reply_to": msg.reply_to,
+        "origin": msg.origin,
+    }
+
+
+class Store:
+    """Small async API over a :class:`Pool`; see the module docstring."""
+
+    def __init__(self, pool: Pool, query_timeout_s: float) -> None:
+        self.pool = pool
+        self.query_timeout_s = query_timeout_s
+        self.round_trips = 0
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        try:
+            with trio.fail_after(self.query_timeout_s):
+                async with self.pool.connection() as conn:
+                    self.round_trips += 1
+                    yield conn
+        except trio.TooSlowError:
+            raise QueryTimeout(
+                f"database did not answer within {self.query_timeout_s} s"
+            ) from None
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+    async def _all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        async with self._conn() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def ping(self) -> None:
+        await self._all("SELECT 1")
+
+    async def seed_instances(self, rows: Sequence[InstanceRow]) -> None:
+        """Make the ``instances`` table match the config (inserted or updated, never deleted)."""
+        await self._all(
+            "INSERT INTO instances (name, phone_number_id, evolution_instance, settings)"
+            " SELECT n, nullif(p, ''), nullif(e, ''), s"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[]) AS t(n, p, e, s)"
+            " ON CONFLICT (name) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,"
+            " evolution_instance = EXCLUDED.evolution_instance, settings = EXCLUDED.settings,"
+            " updated_at = now()",
+            ([r.name for r in rows], [r.phone_number_id for r in rows],
+             [r.evolution_instance for r in rows], [Jsonb(r.settings) for r in rows]),
+        )
+
+    async def store_inbound(self, messages: Sequence[InboundMessage]) -> list[bool]:
+        """Write messages to the inbox; return for each whether it was a redelivery.
+
+        One statement for the whole batch; a repeated id (in the batch or already stored)
+        only bumps the row's redelivery counter.
+        """
+        first: dict[tuple[str, str], int] = {}
+        for i, msg in enumerate(messages):
+            first.setdefault((msg.instance, msg.message_id), i)
+        fresh = [messages[i] for i in sorted(first.values())]
+        rows = await self._all(
+            "INSERT INTO inbox (instance, message_id, sender, format, received_at, message)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::timestamptz[], %s::jsonb[])"
+            " ON CONFLICT (instance, message_id)"
+            " DO UPDATE SET redeliveries = inbox.redeliveries + 1"
+            " RETURNING instance, message_id, (xmax = 0) AS inserted",
+            ([m.instance for m in fresh], [m.message_id for m in fresh],
+             [m.sender for m in fresh], [m.format for m in fresh],
+             [m.received_at for m in fresh], [Jsonb(message_json(m)) for m in fresh]),
+        )
+        inserted = {(r[0], r[1]) for r in rows if r[2]}
+        return [
+            not (first[(m.instance, m.message_id)] == i and (m.instance, m.message_id) in inserted)
+            for i, m in enumerate(messages)
+        ]
+
+    async def dead_letter(self, stage: str, invalid: Invalid, raw: str | None = None) -> None:
+        await self._all(
+            "INSERT INTO dead_letters (stage, reason, origin, format, raw)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (stage, f"{invalid.reason} at {invalid.where}" if invalid.where else invalid.reason,
+             invalid.origin, invalid.format, raw),
+        )
+
+    async def mark_processed(self, keys: Sequence[tuple[str, str]], action: str,
+                             reason: str | None) -> None:
+        """Close inbox rows that end without a Turn (e.g. repeated text)."""
+        await self._all(
+            "UPDATE inbox SET status = 'processed', action = %s, reason = %s,"
+            " processed_at = now() FROM unnest(%s::text[], %s::text[]) AS k(i, m)"
+            " WHERE inbox.instance = k.i AND inbox.message_id = k.m AND status = 'pending'",
+            (action, reason, [k[0] for k in keys], [k[1] for k in keys]),
+        )
+
+    async def load_context(self, turn: Turn, history_chars: int,
+                           recent_interactions: int) -> TurnContext:
+        """Find or create the conversation, load its context and store the user messages.
+
+        One statement: the conversation upsert, the four independent reads (history, webhook
+        config, escalation state, recent AI interactions) and the insert of the turn's
+        messages. The reads see the snapshot taken before the insert, so the history never
+        contains the turn itself.
+        """
+        last = turn.messages[-1]
+        rows = await self._all(_LOAD_CONTEXT, {
+            "instance": turn.instance, "sender": turn.sender,
+            "name": next((m.sender_name for m in reversed(turn.messages) if m.sender_name), None),
+            "at": last.received_at, "chars": history_chars, "n": recent_interactions,
+            "turn": turn.turn_id, "ids": [m.message_id for m in turn.messages],
+            "kinds": [m.kind for m in turn.messages], "bodies": [m.text for m in turn.messages],
+            "sent": [m.sent_at for m in turn.messages],
+        })
+        if not rows:
+            raise DatabaseError(f"conversation of {turn.instance}/{turn.sender} not found")
+        conv_id, history, webhook_url, escalated, fallbacks = rows[0]
+        return TurnContext(
+            conversation_id=conv_id, history=history or "", webhook_url=webhook_url or "",
+            escalated=bool(escalated), recent_fallbacks=tuple(fallbacks or ()),
+        )
+
+    async def commit_turn(self, fx: TurnEffects) -> None:
+        """Write the turn's effects and close its inbox rows, atomically and idempotently."""
+        turn = fx.turn
+        assert turn.context is not None and turn.decision is not None
+        reply = turn.reply
+        ids = [m.message_id for m in turn.messages]
+        await self._all(_COMMIT_TURN, {
+            "conv": turn.context.conversation_id, "instance": turn.instance,
+            "turn": turn.turn_id, "prompt": turn.text,
+            "has_ai": reply is not None, "responder": reply.responder if reply else "",
+            "ai_reply": reply.text if reply else "",
+            "confidence": reply.confidence if reply else 0.0,
+            "fallback": reply.fallback if reply else False,
+            "reply_text": fx.reply_text, "reply_id": f"{turn.turn_id}:reply",
+            "escalate": turn.decision.verdict == "escalate", "reason": fx.reason,
+            "ob_keys": [o[0] for o in fx.outbox], "ob_kinds": [o[1] for o in fx.outbox],
+            "ob_targets": [o[2] for o in fx.outbox],
+            "ob_payloads": [Jsonb(o[3]) for o in fx.outbox],
+            "ob_status": "delivered" if fx.delivered else "pending",
+            "ids": ids, "actions": ["merged"] * (len(ids) - 1) + [fx.action],
+        })
+
+    async def drop_database_objects(self) -> None:  # pragma: no cover - used by tools only
+        await self._all("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+
+
+_LOAD_CONTEXT = """
+WITH conv AS (
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+    VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)
+    ON CONFLICT (instance, sender) WHERE status = 'open'
+    DO UPDATE SET last_message_at = greatest(conversations.last_message_at, EXCLUDED.last_message_at),
+                  sender_name = coalesce(EXCLUDED.sender_name, conversations.sender_name)
+    RETURNING id
+), stored AS (
+    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id, sent_at)
+    SELECT conv.id, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
+    FROM conv, unnest(%(ids)s::text[], %(kinds)s::text[], %(bodies)s::text[],
+                      %(sent)s::timestamptz[]) AS t(id, kind, body, sent)
+    ON CONFLICT (instance, message_id) DO NOTHING
+)
+SELECT conv.id,
+    (SELECT right(string_agg(h.role || ': ' || h.body, E'\n' ORDER BY h.id), %(chars)s)
+       FROM (SELECT id, role, body FROM messages
+              WHERE conversation_id = conv.id AND turn_id IS DISTINCT FROM %(turn)s
+              ORDER BY id DESC LIMIT 50) h),
+    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)s),
+    EXISTS (SELECT 1 FROM escalations e WHERE e.conversation_id = conv.id AND e.status = 'open'),
+    (SELECT array_agg(a.fallback ORDER BY a.id DESC)
+       FROM (SELECT id, fallback FROM ai_interactions
+              WHERE conversation_id = conv.id AND turn_id <> %(turn)s
+              ORDER BY id DESC LIMIT %(n)s) a)
+FROM conv
+"""
+
+_COMMIT_TURN = """
+WITH ai AS (
+    INSERT INTO ai_interactions (conversation_id, turn_id, responder, prompt, reply, confidence,
+                                 fallback)
+    SELECT %(conv)s, %(turn)s, %(responder)s, %(prompt)s, %(ai_reply)s, %(confidence)s,
+           %(fallback)s
+    WHERE %(has_ai)s
+    ON CONFLICT (turn_id) DO NOTHING
+), said AS (
+    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id)
+    SELECT %(conv)s, %(instance)s, %(reply_id)s, 'assistant', 'text', %(reply_text)s, %(turn)s
+    WHERE %(reply_text)s::text IS NOT NULL
+    ON CONFLICT (instance, message_id) DO NOTHING
+), esc AS (
+    INSERT INTO escalations (conversation_id, reason, turn_id)
+    SELECT %(conv)s, %(reason)s, %(turn)s
+    WHERE %(escalate)s
+    ON CONFLICT (conversation_id) WHERE status = 'open' DO NOTHING
+), ob AS (
+    INSERT INTO outbox (idempotency_key, kind, instance, conversation_id, target, payload,
+                        status, delivered_at)
+    SELECT k, kd, %(instance)s, %(conv)s, tg, p, %(ob_status)s,
+           CASE WHEN %(ob_status)s = 'delivered' THEN now() END
+    FROM unnest(%(ob_keys)s::text[], %(ob_kinds)s::text[], %(ob_targets)s::text[],
+                %(ob_payloads)s::jsonb[]) AS o(k, kd, tg, p)
+    ON CONFLICT (idempotency_key) DO NOTHING
+)
+UPDATE inbox SET status = 'processed', action = a.action, turn_id = %(turn)s,
+                 reason = CASE WHEN a.action = 'merged' THEN NULL ELSE %(reason)s END,
+                 processed_at = now()
+FROM unnest(%(ids)s::text[], %(actions)s::text[]) AS a(id, action)
+WHERE inbox.instance = %(instance)s AND inbox.message_id = a.id AND inbox.status = 'pending'
+"""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

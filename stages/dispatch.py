@@ -1,0 +1,71 @@
+"""Dispatch: commit the turn's effects with its outbox rows, then report the outcomes.
+
+The AI interaction, the reply or hand-over message, the escalation, the outbox rows (each with
+an idempotency key derived from the turn) and the closing of the inbox rows are one
+statement: a crash or a cancellation leaves all of them or none, and redoing a turn after a
+restart writes nothing twice. With the ``dry`` transport the outbox rows are recorded as
+delivered; the delivery task for real transports is not built yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from pipeline.records import Outcome, Turn
+from pipeline.store import Store, TurnEffects
+
+_ACTIONS = {"reply": "replied", "escalate": "escalated", "hold": "held"}
+
+
+def effects(turn: Turn, handover_message: str, delivered: bool) -> TurnEffects:
+    """What a decided turn writes (pure)."""
+    assert turn.decision is not None and turn.context is not None
+    verdict = turn.decision.verdict
+    text: str | None = None
+    outbox: list[tuple[str, str, str, dict[str, Any]]] = []
+    if verdict == "reply" and turn.reply is not None:
+        text = turn.reply.text
+        outbox.append((f"{turn.turn_id}:reply", "reply", turn.sender,
+                       {"to": turn.sender, "text": text}))
+    elif verdict == "escalate":
+        text = handover_message
+        outbox.append((f"{turn.turn_id}:handover", "handover", turn.sender,
+                       {"to": turn.sender, "text": text}))
+    if turn.context.webhook_url:
+        outbox.append((f"{turn.turn_id}:webhook", "webhook", turn.context.webhook_url, {
+            "event": "turn", "instance": turn.instance, "sender": turn.sender,
+            "turn_id": turn.turn_id, "action": _ACTIONS[verdict],
+            "reason": turn.decision.reason, "reply": text,
+            "messages": [m.message_id for m in turn.messages],
+        }))
+    return TurnEffects(turn, _ACTIONS[verdict], turn.decision.reason, text, tuple(outbox),
+                       delivered)
+
+
+def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
+    """One line per message: the last carries the turn's action, the others are merged."""
+    assert turn.context is not None
+    lines = []
+    for i, msg in enumerate(turn.messages):
+        last = i == len(turn.messages) - 1
+        lines.append(Outcome(
+            fx.action if last else "merged", msg.message_id, msg.instance, msg.sender,
+            conversation_id=turn.context.conversation_id, turn_id=turn.turn_id,
+            reason=fx.reason if last else None, reply=fx.reply_text if last else None,
+            origin=msg.origin, timings_ms=turn.timings_ms,
+        ))
+    return lines
+
+
+@attrs.define
+class Dispatch:
+    store: Store
+    handover_messages: dict[str, str]  # by instance
+    transport: str
+
+    async def __call__(self, turn: Turn) -> list[Outcome]:
+        fx = effects(turn, self.handover_messages[turn.instance], self.transport == "dry")
+        await self.store.commit_turn(fx)
+        return outcomes(turn, fx)

@@ -1,0 +1,58 @@
+"""Intake: parse raw events and store the messages in the inbox, in arrival order.
+
+Runs as a batch stage: every event already waiting is parsed, and all their messages are
+written in one statement. Invalid events become dead letters, receipts and own sends are
+ignored; both are finished here and reported straight to the outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import attrs
+import trio
+from loguru import logger
+
+from pipeline.records import Ignored, InboundMessage, Invalid, Outcome, RawEvent, Stored
+from pipeline.store import Store
+from stages.parse import InstanceDirectory, parse_event
+
+
+def finished(item: Ignored | Invalid) -> Outcome:
+    """The outcome line of an event that ends at intake."""
+    if isinstance(item, Ignored):
+        return Outcome("ignored", item.message_id, item.instance, None, reason=item.reason,
+                       origin=item.origin)
+    where = f" at {item.where}" if item.where else ""
+    return Outcome("invalid", None, None, None, reason=f"{item.reason}{where}",
+                   origin=item.origin)
+
+
+@attrs.define
+class Intake:
+    store: Store
+    directory: InstanceDirectory
+    done: trio.MemorySendChannel[Outcome]
+
+    async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Stored]:
+        messages: list[InboundMessage] = []
+        for event in batch:
+            parsed = [event] if isinstance(event, Invalid) else parse_event(event, self.directory)
+            for item in parsed:
+                if isinstance(item, InboundMessage):
+                    messages.append(item)
+                else:
+                    await self._finish(item, event)
+        if not messages:
+            return []
+        redelivered = await self.store.store_inbound(messages)
+        return [Stored(m, r) for m, r in zip(messages, redelivered, strict=True)]
+
+    async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:
+        if isinstance(item, Invalid):
+            logger.bind(stage="intake").warning("invalid event from {}: {} {}", item.origin,
+                                                item.reason, item.where)
+            raw = json.dumps(event.body) if isinstance(event, RawEvent) else None
+            await self.store.dead_letter("intake", item, raw)
+        await self.done.send(finished(item))
