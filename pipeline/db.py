@@ -135,9 +135,9 @@ class TrioConnection(psycopg.AsyncConnection[TupleRow]):
         """Cancel the query on the server and drain ``gen``, or close the connection."""
         with trio.move_on_after(CANCEL_CLEANUP_S) as scope:
             try:
-                if self.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
-                    if self._should_cancel():
-                        await _drive_conn(self._cancel_gen())
+                active = self.pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+                if active and self._should_cancel():
+                    await _drive_conn(self._cancel_gen())
                 await _drive(gen, self.pgconn.socket)
             except psycopg.errors.QueryCanceled:
                 pass
@@ -222,7 +222,8 @@ class Pool:
                 f"database did not accept a connection within {self._connect_timeout_s} s"
             ) from None
         except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from exc
+            raise DatabaseUnavailable(
+                f"cannot connect to the database: {_first_line(exc)}") from exc
         self.stats.opened += 1
         return conn
 
@@ -231,11 +232,12 @@ class Pool:
             self._discard(conn)
             return
         status = conn.pgconn.transaction_status
-        if status != pq.TransactionStatus.IDLE:
-            if status == pq.TransactionStatus.ACTIVE or not await self._rolled_back(conn):
-                self._discard(conn)
-                return
-        self._idle.append(conn)
+        if status == pq.TransactionStatus.IDLE or (
+            status != pq.TransactionStatus.ACTIVE and await self._rolled_back(conn)
+        ):
+            self._idle.append(conn)
+        else:
+            self._discard(conn)
 
     async def _rolled_back(self, conn: TrioConnection) -> bool:
         with trio.move_on_after(CANCEL_CLEANUP_S):

@@ -33,18 +33,17 @@ class ClusterError(Exception):
     """The embedded cluster could not be found, created, started or stopped."""
 
 
-def find_bindir() -> Path:
+def find_bindir(debian: Path = Path("/usr/lib/postgresql"), path: str | None = None) -> Path:
     """Folder of ``initdb``/``pg_ctl``: $PIPELINE_PG_BINDIR, Debian's newest, or PATH."""
     candidates: list[Path] = []
     if env := os.environ.get("PIPELINE_PG_BINDIR"):
         candidates.append(Path(env))
-    debian = Path("/usr/lib/postgresql")
     if debian.is_dir():
         versions = sorted(
             (p for p in debian.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
         )
         candidates.extend(p / "bin" for p in reversed(versions))
-    if found := shutil.which("pg_ctl"):
+    if found := shutil.which("pg_ctl", path=path):
         candidates.append(Path(found).resolve().parent)
     for folder in candidates:
         if (folder / "initdb").exists() and (folder / "pg_ctl").exists():
@@ -52,11 +51,15 @@ def find_bindir() -> Path:
     raise ClusterError(f"postgresql server binaries (initdb, pg_ctl) not found: {INSTALL_HINT}")
 
 
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(path).absolute()
+
+
 @attrs.frozen
 class Cluster:
     """One private cluster. ``durable=False`` turns fsync off: for throwaway test clusters."""
 
-    data_dir: Path = attrs.field(converter=lambda p: Path(p).absolute())
+    data_dir: Path = attrs.field(converter=_absolute)
     tcp_port: int = 0
     durable: bool = True
     bindir: Path = attrs.field(factory=find_bindir)
@@ -137,8 +140,8 @@ class Cluster:
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / tool), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              **self._as_server_user())
+        done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+            cmd, capture_output=True, text=True, check=False, **self._as_server_user())
         if check and done.returncode != 0:
             detail = (done.stderr or done.stdout).strip() or f"exit code {done.returncode}"
             hint = self._log_tail() if tool == "pg_ctl" else ""

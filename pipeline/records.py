@@ -25,7 +25,7 @@ ACTIONS: tuple[Action, ...] = (
 def _utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         raise ValueError(f"timestamp must carry a time zone, not {value!r}")
-    return value.astimezone(dt.timezone.utc)
+    return value.astimezone(dt.UTC)
 
 
 def _nonempty(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:

@@ -9,7 +9,6 @@ another), runs under ``query_timeout_s`` and translates psycopg errors into
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +19,7 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
-from pipeline.records import InboundMessage, Invalid, Turn, TurnContext
+from pipeline.records import Action, InboundMessage, Invalid, Turn, TurnContext
 
 
 class QueryTimeout(DatabaseUnavailable):
@@ -40,7 +39,7 @@ class TurnEffects:
     """Everything a finished Turn writes, committed together by :meth:`Store.commit_turn`."""
 
     turn: Turn
-    action: str
+    action: Action
     reason: str | None
     reply_text: str | None
     outbox: tuple[tuple[str, str, str, dict[str, Any]], ...]  # (key, kind, target, payload)
@@ -108,19 +107,26 @@ class Store:
         only bumps the row's redelivery counter.
         """
         first: dict[tuple[str, str], int] = {}
+        repeats: dict[tuple[str, str], int] = {}
         for i, msg in enumerate(messages):
-            first.setdefault((msg.instance, msg.message_id), i)
-        fresh = [messages[i] for i in sorted(first.values())]
+            key = (msg.instance, msg.message_id)
+            if key in first:
+                repeats[key] = repeats.get(key, 0) + 1
+            else:
+                first[key] = i
+        fresh = [messages[i] for i in first.values()]
         rows = await self._all(
-            "INSERT INTO inbox (instance, message_id, sender, format, received_at, message)"
+            "INSERT INTO inbox (instance, message_id, sender, format, received_at, message,"
+            " redeliveries)"
             " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-            " %s::timestamptz[], %s::jsonb[])"
+            " %s::timestamptz[], %s::jsonb[], %s::int[])"
             " ON CONFLICT (instance, message_id)"
-            " DO UPDATE SET redeliveries = inbox.redeliveries + 1"
+            " DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries"
             " RETURNING instance, message_id, (xmax = 0) AS inserted",
             ([m.instance for m in fresh], [m.message_id for m in fresh],
              [m.sender for m in fresh], [m.format for m in fresh],
-             [m.received_at for m in fresh], [Jsonb(message_json(m)) for m in fresh]),
+             [m.received_at for m in fresh], [Jsonb(message_json(m)) for m in fresh],
+             [repeats.get((m.instance, m.message_id), 0) for m in fresh]),
         )
         inserted = {(r[0], r[1]) for r in rows if r[2]}
         return [
@@ -194,16 +200,14 @@ class Store:
             "ids": ids, "actions": ["merged"] * (len(ids) - 1) + [fx.action],
         })
 
-    async def drop_database_objects(self) -> None:  # pragma: no cover - used by tools only
-        await self._all("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-
 
 _LOAD_CONTEXT = """
 WITH conv AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)
     VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)
     ON CONFLICT (instance, sender) WHERE status = 'open'
-    DO UPDATE SET last_message_at = greatest(conversations.last_message_at, EXCLUDED.last_message_at),
+    DO UPDATE SET last_message_at = greatest(conversations.last_message_at,
+                                             EXCLUDED.last_message_at),
                   sender_name = coalesce(EXCLUDED.sender_name, conversations.sender_name)
     RETURNING id
 ), stored AS (
@@ -260,7 +264,3 @@ UPDATE inbox SET status = 'processed', action = a.action, turn_id = %(turn)s,
 FROM unnest(%(ids)s::text[], %(actions)s::text[]) AS a(id, action)
 WHERE inbox.instance = %(instance)s AND inbox.message_id = a.id AND inbox.status = 'pending'
 """
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

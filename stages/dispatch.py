@@ -13,10 +13,10 @@ from typing import Any
 
 import attrs
 
-from pipeline.records import Outcome, Turn
+from pipeline.records import Action, Outcome, Turn
 from pipeline.store import Store, TurnEffects
 
-_ACTIONS = {"reply": "replied", "escalate": "escalated", "hold": "held"}
+_ACTIONS: dict[str, Action] = {"reply": "replied", "escalate": "escalated", "hold": "held"}
 
 
 def effects(turn: Turn, handover_message: str, delivered: bool) -> TurnEffects:

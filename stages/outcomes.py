@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import TextIO
+from typing import Any, TextIO
 
 import attrs
 import trio
@@ -24,6 +24,7 @@ class OutcomeSink:
     escalations: Counter[str] = attrs.field(factory=Counter)
     invalid: list[str] = attrs.field(factory=list)
     total: int = 0
+    lines: list[Any] = attrs.field(factory=list)  # for tests that parse what was written
 
     def record(self, outcome: Outcome) -> None:
         self.total += 1

@@ -1,0 +1,699 @@
+"""The configuration: one TOML file, parsed once at start into frozen records.
+
+Every section is an attrs class. Its annotations give the type of each key (``Literal`` lists
+the choices) and each field carries a :class:`Spec` in its metadata: bounds, string rules,
+secrecy, an environment override and a one-line doc. One generic walker turns the parsed TOML
+into these classes and collects *every* problem with its key path, so that ``check-config``
+explains a whole file at once; a few cross-field checks run on the result. Stages receive
+these records and never read files or the environment themselves (STYLE.md, rule 12).
+"""
+
+# setting() returns an attrs.field(), which ruff cannot tell from a mutable default:
+# ruff: noqa: RUF009
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import functools
+import json
+import math
+import os
+import sys
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar
+
+import attrs
+from attrs import AttrsInstance
+
+__all__ = [
+    "LOADS", "Config", "ConfigError", "ContextConfig", "DatabaseConfig", "DedupeConfig",
+    "DispatchConfig", "EscalationConfig", "InstanceConfig", "IntakeConfig", "LoadConfig",
+    "LoggingConfig", "MetricsConfig", "PipelineConfig", "ResponderConfig", "RuleConfig",
+    "Setting", "WebhookConfig", "load_config", "parse_config", "redacted", "reference",
+]
+
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["console", "json"]
+ContextMode = Literal["sequential", "parallel", "single", "batched"]
+LoadName = Literal["conversation", "history", "webhook", "escalation", "interactions"]
+LoadPolicy = Literal["required", "default"]
+ResponderKind = Literal["rules", "openai"]
+Transport = Literal["dry", "evolution", "cloud-api"]
+LOADS: tuple[LoadName, ...] = typing.get_args(LoadName)
+
+_SPEC = "pipeline.config.spec"
+_URL = ("http://", "https://")
+_HIDDEN = "***"
+_BAD: Any = object()  # "nothing to set": the key is absent or its value was rejected
+
+
+class ConfigError(Exception):
+    """The configuration has problems; ``problems`` lists all of them, one line each."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: list[str] = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+@attrs.frozen
+class Spec:
+    """What one key accepts, beyond the type its annotation gives.
+
+    ``when = (sibling, value)``: the key applies only when the sibling key has that value
+    (and ``required`` then means required in that case). ``env`` names the environment
+    variable that overrides the key; ``{name}`` stands for the enclosing table's name.
+    """
+
+    doc: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    nonempty: bool = False  # a string (or every string of an array) must not be empty
+    required: bool = False
+    when: tuple[str, str] | None = None
+    casefold: bool = False  # choices match in any case; the canonical choice is stored
+    prefixes: tuple[str, ...] = ()  # a non-empty string must start with one of these
+    secret: bool = False
+    env: str | None = None
+
+
+def setting(default: Any, doc: str, **rules: Any) -> Any:
+    """One config key: an attrs field with its default and its :class:`Spec`."""
+    return attrs.field(default=default, metadata={_SPEC: Spec(doc, **rules)})
+
+
+def _section(cls: Callable[[], Any], doc: str) -> Any:
+    return setting(attrs.Factory(cls), doc)
+
+
+@attrs.frozen
+class PipelineConfig:
+    """``[pipeline]``: bounds of the whole pipeline."""
+
+    max_active_conversations: int = setting(64, "conversations processed at once", ge=1)
+    channel_capacity: int = setting(16, "bound of every channel between stages", ge=1)
+    shutdown_grace_s: float = setting(10.0, "time in-flight turns get on SIGINT/SIGTERM", ge=0)
+    idle_conversation_s: float = setting(
+        60.0, "per-conversation state is released after this idle time", gt=0)
+
+
+@attrs.frozen
+class DatabaseConfig:
+    """``[database]``: the store; no DSN means the embedded private PostgreSQL."""
+
+    dsn: str = setting("", "PostgreSQL DSN; empty = embedded private PostgreSQL",
+                       secret=True, env="PIPELINE_DATABASE_DSN")
+    data_dir: str = setting(".pipeline/pgdata", "embedded cluster directory (relative to the "
+                            "current directory)", nonempty=True)
+    tcp_port: int = setting(0, "embedded cluster TCP port; 0 = Unix socket only", ge=0, le=65535)
+    pool_size: int = setting(10, "database connections", ge=1, le=1000)
+    connect_timeout_s: float = setting(5.0, "time to connect", gt=0)
+    query_timeout_s: float = setting(5.0, "time one query may take", gt=0)
+    migrate_on_start: bool = setting(True, "apply pending migrations at start")
+
+
+@attrs.frozen
+class LoggingConfig:
+    """``[logging]``: loguru sink level and format."""
+
+    level: LogLevel = setting("INFO", "lowest level logged (any case)", casefold=True)
+    format: LogFormat = setting("console", "console (human) or json (one object a line)")
+
+
+@attrs.frozen
+class MetricsConfig:
+    """``[metrics]``: what is reported about a run."""
+
+    summary: bool = setting(True, "print the per-stage summary table at the end of a run/replay")
+
+
+@attrs.frozen
+class WebhookConfig:
+    """``[webhook]``: the live webhook source of ``pipeline run``."""
+
+    enabled: bool = setting(True, "serve the live webhook source in `pipeline run`")
+    host: str = setting("127.0.0.1", "address to listen on", nonempty=True)
+    port: int = setting(8080, "port to listen on; 0 = any free port", ge=0, le=65535)
+    max_body_bytes: int = setting(1048576, "largest accepted request body", ge=1)
+    max_json_depth: int = setting(32, "deepest accepted JSON nesting", ge=1)
+    app_secret: str = setting("", "Meta app secret for X-Hub-Signature-256; empty = not "
+                              "checked (warned)", secret=True, env="PIPELINE_WEBHOOK_APP_SECRET")
+    verify_token: str = setting("", "Meta GET verification token", secret=True,
+                                env="PIPELINE_WEBHOOK_VERIFY_TOKEN")
+    evolution_apikey: str = setting("", "expected `apikey` header of Evolution webhooks; "
+                                    "empty = not checked", secret=True,
+                                    env="PIPELINE_EVOLUTION_APIKEY")
+    resolve_token: str = setting("", "bearer token of the escalation-resolve endpoint",
+                                 secret=True, env="PIPELINE_RESOLVE_TOKEN")
+    record_dir: str = setting("", "record live intake to daily JSONL logs here; empty = off")
+
+
+@attrs.frozen
+class IntakeConfig:
+    """``[intake]``: the burst buffer and inbox claims."""
+
+    burst_window_ms: int = setting(1500, "messages of one sender this close together form one "
+                                   "turn; 0 = no buffering", ge=0)
+    burst_max_messages: int = setting(10, "most messages in one turn", ge=1)
+    retry_backoff_s: float = setting(1.0, "pause before retrying an inbox claim", gt=0)
+
+
+@attrs.frozen
+class DedupeConfig:
+    """``[dedupe]``: duplicate detection beyond redelivered message ids."""
+
+    text_window_s: float = setting(30.0, "same text from the same sender within this window is "
+                                   "a duplicate; 0 = off", ge=0)
+
+
+@attrs.frozen
+class LoadConfig:
+    """``[context.loads.<load>]``: timeout and failure policy of one context query."""
+
+    timeout_ms: float = setting(500.0, "time the query may take", gt=0)
+    policy: LoadPolicy = setting("default", "on failure: fail the turn (required) or carry on "
+                                 "with a safe default; conversation and escalation default "
+                                 "to required")
+
+
+def _default_loads() -> dict[LoadName, LoadConfig]:
+    required = LoadConfig(policy="required")
+    return {name: required if name in ("conversation", "escalation") else LoadConfig()
+            for name in LOADS}
+
+
+@attrs.frozen
+class ContextConfig:
+    """``[context]``: how the context of a turn is loaded."""
+
+    mode: ContextMode = setting("single", "how the loads run: sequential, parallel, single "
+                                "(one round trip) or batched")
+    history_chars: int = setting(800, "most characters of history loaded", ge=0)
+    recent_interactions: int = setting(5, "AI interactions loaded", ge=0)
+    batch_size: int = setting(64, "largest batch (batched mode)", ge=1)
+    batch_delay_ms: float = setting(2.0, "longest wait to fill a batch (batched mode)", ge=0)
+    instance_cache_ttl_s: float = setting(30.0, "instance settings are cached this long", gt=0)
+    loads: dict[LoadName, LoadConfig] = setting(attrs.Factory(_default_loads),
+                                                "per-query timeout and failure policy")
+
+
+_KEYWORDS = ("human", "agent", "atendente", "humano", "pessoa", "falar com alguem", "manager",
+             "gerente")
+
+
+@attrs.frozen
+class EscalationConfig:
+    """``[escalation]``: when a turn goes to a human (instances may refine)."""
+
+    keywords: tuple[str, ...] = setting(_KEYWORDS, "a message containing one of these (any case) "
+                                        "asks for a human", nonempty=True)
+    max_failed_answers: int = setting(3, "this many fallback answers in a row escalate", ge=1)
+    min_confidence: float = setting(0.5, "an answer below this confidence counts as failed",
+                                    ge=0, le=1)
+    handover_message: str = setting("A human agent will continue this conversation shortly.",
+                                    "sent to the user when the turn is escalated")
+
+
+@attrs.frozen
+class RuleConfig:
+    """One entry of a rules responder's ``rules``."""
+
+    match: str = setting("", "case-insensitive substring of the message", required=True,
+                         nonempty=True)
+    reply: str = setting("", "the answer", required=True)
+    confidence: float = setting(0.9, "confidence recorded for this answer", ge=0, le=1)
+
+
+_RULES = ("kind", "rules")
+_OPENAI = ("kind", "openai")
+
+
+@attrs.frozen
+class ResponderConfig:
+    """``[responders.<name>]``: a rules responder or an OpenAI-compatible one."""
+
+    kind: ResponderKind = setting("rules", "rules (from this file) or openai (chat endpoint)")
+    fallback: str = setting("Sorry, I did not understand. Could you rephrase?",
+                            "answer when no rule matches", when=_RULES)
+    rules: tuple[RuleConfig, ...] = setting((), "first matching rule answers", when=_RULES)
+    url: str = setting("", "OpenAI-compatible chat completions URL", when=_OPENAI,
+                       required=True, nonempty=True, prefixes=_URL)
+    model: str = setting("", "model name", when=_OPENAI, required=True, nonempty=True)
+    api_key: str = setting("", "bearer token of the endpoint", when=_OPENAI, secret=True,
+                           env="PIPELINE_RESPONDER_{name}_API_KEY")
+    timeout_s: float = setting(10.0, "time one completion may take", when=_OPENAI, gt=0)
+    system_prompt: str = setting("You are a helpful assistant.", "system message", when=_OPENAI)
+
+
+@attrs.frozen
+class DispatchConfig:
+    """``[dispatch]``: how replies and events are delivered."""
+
+    transport: Transport = setting("dry", "dry (record only), evolution or cloud-api")
+    base_url: str = setting("", "Evolution API or Cloud API base URL (required unless dry)",
+                            prefixes=_URL)
+    api_key: str = setting("", "Evolution apikey / Cloud API bearer token", secret=True)
+    max_attempts: int = setting(5, "sends before a dead letter", ge=1)
+    backoff_initial_s: float = setting(1.0, "first pause between attempts", gt=0)
+    backoff_max_s: float = setting(60.0, "longest pause (>= backoff_initial_s)", gt=0)
+    timeout_s: float = setting(10.0, "time one send may take", gt=0)
+
+
+def _name_of(instance: InstanceConfig) -> str:
+    return instance.name
+
+
+@attrs.frozen
+class InstanceConfig:
+    """``[[instances]]``: one business number, as named in webhooks."""
+
+    name: str = setting("", "unique name of the business number", required=True, nonempty=True)
+    phone_number_id: str = setting("", "Cloud API metadata.phone_number_id (unique if set)")
+    evolution_instance: str = setting(attrs.Factory(_name_of, takes_self=True),
+                                      "Evolution `instance` field (default: the name; unique)")
+    responder: str = setting("rules", "a responder of [responders]", nonempty=True)
+    webhook_url: str = setting("", "customer webhook target; empty = none", prefixes=_URL)
+    webhook_secret: str = setting("", "HMAC key of the customer webhook", secret=True)
+    escalation_keywords: tuple[str, ...] = setting((), "added to [escalation] keywords",
+                                                   nonempty=True)
+    max_failed_answers: int = setting(0, "0 = the [escalation] value", ge=0)
+
+
+def _index(attr: str) -> Callable[[Config], dict[str, str]]:
+    def index(cfg: Config) -> dict[str, str]:
+        return {getattr(i, attr): i.name for i in cfg.instances if getattr(i, attr)}
+    return index
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    pipeline: PipelineConfig = _section(PipelineConfig, "bounds of the whole pipeline")
+    database: DatabaseConfig = _section(DatabaseConfig, "PostgreSQL")
+    logging: LoggingConfig = _section(LoggingConfig, "logs")
+    metrics: MetricsConfig = _section(MetricsConfig, "metrics")
+    webhook: WebhookConfig = _section(WebhookConfig, "the live webhook source")
+    intake: IntakeConfig = _section(IntakeConfig, "burst buffer and inbox")
+    dedupe: DedupeConfig = _section(DedupeConfig, "duplicate detection")
+    context: ContextConfig = _section(ContextConfig, "context loading")
+    escalation: EscalationConfig = _section(EscalationConfig, "escalation defaults")
+    responders: dict[str, ResponderConfig] = setting(
+        attrs.Factory(lambda: {"rules": ResponderConfig()}), "named responders")
+    dispatch: DispatchConfig = _section(DispatchConfig, "delivery of replies and events")
+    instances: tuple[InstanceConfig, ...] = setting((), "the business numbers served")
+    #: Cloud API ``phone_number_id`` -> instance name
+    instance_by_phone_number_id: dict[str, str] = attrs.field(
+        init=False, repr=False, eq=False, default=attrs.Factory(_index("phone_number_id"),
+                                                                takes_self=True))
+    #: Evolution ``instance`` -> instance name
+    instance_by_evolution_name: dict[str, str] = attrs.field(
+        init=False, repr=False, eq=False, default=attrs.Factory(_index("evolution_instance"),
+                                                                takes_self=True))
+
+    def instance(self, name: str) -> InstanceConfig:
+        """The instance called ``name``; ``KeyError`` if there is none."""
+        for candidate in self.instances:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(name)
+
+
+# --- the walker -------------------------------------------------------------------------------
+
+_A = TypeVar("_A", bound=AttrsInstance)
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@attrs.frozen
+class _Loc:
+    """Where a value sits, as a TOML header and a key inside it: ``[responders.faq] rules[2]``."""
+
+    table: str = ""
+    key: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.table} {self.key}".strip()
+
+    def child(self, name: str) -> _Loc:
+        return _Loc(self.table, f"{self.key}.{name}" if self.key else name)
+
+    def item(self, index: int) -> _Loc:
+        if not self.table:
+            return _Loc(f"[[{self.key}]][{index}]")
+        return _Loc(self.table, f"{self.key}[{index}]")
+
+    def enter(self) -> _Loc:
+        """The location of the table found here: a header of its own, or inline."""
+        if not self.key:
+            return self
+        if not self.table:
+            return _Loc(f"[{self.key}]")
+        if "[" in self.key or self.table.startswith("[["):
+            return self
+        return _Loc(f"{self.table[:-1]}.{self.key}]")
+
+
+@attrs.define
+class _Walker:
+    source: str
+    env: Mapping[str, str]
+    problems: list[str] = attrs.Factory(list)
+
+    def problem(self, loc: _Loc, text: str) -> None:
+        where = f"{loc} " if str(loc) else ""
+        self.problems.append(f"{self.source}: {where}{text}")
+
+    def table(self, cls: type[_A], data: object, loc: _Loc, base: _A | None, name: str) -> _A:
+        """Build ``cls`` from ``data``, on top of ``base`` when given (a default entry)."""
+        if not isinstance(data, Mapping):
+            self.problem(loc, f"must be a table, not {_show(data)}")
+            return base if base is not None else cls()
+        here = loc.enter()
+        fields = {a.name: a for a in attrs.fields(cls) if a.init}
+        for key in data:
+            if key not in fields:
+                self.problem(here, f"unknown key {str(key)!r}{_hint(str(key), fields)}")
+        defaults = base if base is not None else cls()
+        given: dict[str, Any] = {}
+        for a in fields.values():
+            spec: Spec = a.metadata[_SPEC]
+            sibling = spec.when[0] if spec.when else a.name  # _BAD: given but rejected
+            current = given.get(sibling, _BAD if sibling in data else getattr(defaults, sibling))
+            value = self.key(_hints(cls)[a.name], spec, a.name, data, here, current,
+                             getattr(defaults, a.name), name)
+            if value is not _BAD:
+                given[a.name] = value
+        if base is None:
+            return cls(**given)
+        evolved: _A = attrs.evolve(typing.cast(Any, base), **given)
+        return evolved
+
+    def key(self, tp: Any, spec: Spec, key: str, data: Mapping[Any, Any], here: _Loc,
+            current: Any, default: Any, name: str) -> Any:
+        """Convert one key; ``current`` is the value of the sibling that ``spec.when`` names."""
+        at = here.child(key)
+        if spec.env is not None:
+            var = spec.env.format(name=name.upper().replace("-", "_"))
+            if var in self.env:
+                return self.env[var]
+        applies = spec.when is None or current is _BAD or current == spec.when[1]
+        if key not in data:
+            if typing.get_origin(tp) is dict or attrs.has(tp):  # so that env overrides apply
+                return self.convert(tp, {}, at, spec, default, name)
+            if spec.required and applies and current is not _BAD:
+                when = f" when {spec.when[0]} = {spec.when[1]!r}" if spec.when else ""
+                self.problem(at, f"is required{when}")
+            return _BAD
+        if not applies and spec.when is not None:
+            self.problem(at, f"applies only when {spec.when[0]} = {spec.when[1]!r}, "
+                             f"not {current!r}")
+            return _BAD
+        return self.convert(tp, data[key], at, spec, default, name)
+
+    def convert(self, tp: Any, value: object, loc: _Loc, spec: Spec, default: Any,
+                name: str) -> Any:
+        origin = typing.get_origin(tp)
+        if origin is dict:
+            return self.tables(tp, value, loc, default)
+        if origin is tuple:
+            return self.array(tp, value, loc, spec, name)
+        if origin is None and attrs.has(tp):
+            return self.table(tp, value, loc, None, name)
+        return self.scalar(tp, value, loc, spec)
+
+    def tables(self, tp: Any, value: object, loc: _Loc, default: Mapping[str, Any]) -> Any:
+        key_type, item = typing.get_args(tp)
+        allowed = typing.get_args(key_type) if typing.get_origin(key_type) is Literal else None
+        if not isinstance(value, Mapping):
+            self.problem(loc, f"must be a table, not {_show(value)}")
+            return _BAD
+        here, result = loc.enter(), dict(default)
+        entries = {str(k): v for k, v in value.items()}
+        for key in entries:
+            if allowed is not None and key not in allowed:
+                self.problem(here, f"unknown key {key!r}{_hint(key, allowed)}")
+        for key in [*default, *(k for k in entries if k not in default)]:
+            if allowed is None or key in allowed:
+                result[key] = self.table(item, entries.get(key, {}), here.child(key),
+                                         default.get(key), key)
+        return result
+
+    def array(self, tp: Any, value: object, loc: _Loc, spec: Spec, name: str) -> Any:
+        if not isinstance(value, list | tuple):
+            self.problem(loc, f"must be {_expected(tp, spec)}, not {_show(value)}")
+            return _BAD
+        item = typing.get_args(tp)[0]
+        converted = [self.convert(item, v, loc.item(i), spec, None, name)
+                     for i, v in enumerate(value)]
+        return tuple(v for v in converted if v is not _BAD)
+
+    def scalar(self, tp: Any, value: object, loc: _Loc, spec: Spec) -> Any:
+        if typing.get_origin(tp) is Literal:
+            return self.choice(tp, value, loc, spec)
+        if not _is(tp, value):
+            self.problem(loc, f"must be {_expected(tp, spec)}, not {_show(value)}")
+            return _BAD
+        converted: Any = float(typing.cast(float, value)) if tp is float else value
+        broken = _violated(converted, spec) if tp in (int, float) else _string_rule(value, spec)
+        if broken:
+            self.problem(loc, f"must be {broken}, not {_show(value)}")
+            return _BAD
+        return converted
+
+    def choice(self, tp: Any, value: object, loc: _Loc, spec: Spec) -> Any:
+        choices: tuple[str, ...] = typing.get_args(tp)
+        if isinstance(value, str):
+            for choice in choices:
+                if value == choice or (spec.casefold and value.casefold() == choice.casefold()):
+                    return choice
+        hint = _hint(value, choices) if isinstance(value, str) else ""
+        self.problem(loc, f"must be {_expected(tp, spec)}, not {_show(value)}{hint}")
+        return _BAD
+
+
+def _is(tp: Any, value: object) -> bool:
+    if tp is bool or isinstance(value, bool):  # a TOML bool is a Python int: keep them apart
+        return tp is bool and isinstance(value, bool)
+    if tp is float and isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    if tp is float:
+        return isinstance(value, float) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def _violated(value: float, spec: Spec) -> str | None:
+    noun = "an integer" if isinstance(value, int) else "a number"
+    if spec.ge is not None and not value >= spec.ge:
+        return f"{noun} >= {spec.ge}"
+    if spec.gt is not None and not value > spec.gt:
+        return f"{noun} > {spec.gt}"
+    if spec.le is not None and not value <= spec.le:
+        return f"{noun} <= {spec.le}"
+    return None
+
+
+def _string_rule(value: Any, spec: Spec) -> str | None:
+    if spec.nonempty and not value:
+        return "a non-empty string"
+    if value and spec.prefixes and not value.startswith(spec.prefixes):
+        return "a url starting with " + " or ".join(spec.prefixes)
+    return None
+
+
+def _expected(tp: Any, spec: Spec) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args)) + (" (any case)" if spec.casefold else "")
+    if origin is tuple:
+        return "an array of " + ("tables" if attrs.has(args[0]) else "strings")
+    if origin is dict or attrs.has(tp):
+        return "a table"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a non-empty string" if spec.nonempty else "a string"
+    noun = "an integer" if tp is int else "a number"
+    if spec.ge is not None and spec.le is not None:
+        return f"{noun} between {spec.ge} and {spec.le}"
+    bounds = [f"{op} {bound}" for op, bound in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le))
+              if bound is not None]
+    return " ".join([noun, " and ".join(bounds)]).rstrip()
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _hint(word: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _duplicates(instances: Iterable[InstanceConfig], attr: str) -> Iterator[tuple[int, int, str]]:
+    seen: dict[str, int] = {}
+    for i, instance in enumerate(instances):
+        value = getattr(instance, attr)
+        if value in seen:
+            yield i, seen[value], value
+        elif value:
+            seen[value] = i
+
+
+def _cross_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
+    if not cfg.instances:
+        yield _Loc("[[instances]]"), "is missing: at least one instance is needed"
+    renamed: set[int] = set()  # an instance whose evolution_instance repeats a duplicate name
+    for attr in ("name", "phone_number_id", "evolution_instance"):
+        for i, first, value in _duplicates(cfg.instances, attr):
+            if attr == "name":
+                renamed.add(i)
+            if attr != "evolution_instance" or i not in renamed or value != cfg.instances[i].name:
+                yield (_Loc(f"[[instances]][{i}]", attr),
+                       f"{value!r} is already used by [[instances]][{first}]")
+    for i, instance in enumerate(cfg.instances):
+        if instance.responder not in cfg.responders:
+            yield (_Loc(f"[[instances]][{i}]", "responder"),
+                   f"must name a responder of [responders], not {instance.responder!r}"
+                   + _hint(instance.responder, cfg.responders))
+    dispatch = cfg.dispatch
+    if dispatch.transport != "dry" and not dispatch.base_url:
+        yield _Loc("[dispatch]", "base_url"), f"is required when transport = {dispatch.transport!r}"
+    if dispatch.backoff_max_s < dispatch.backoff_initial_s:
+        initial, most = dispatch.backoff_initial_s, dispatch.backoff_max_s
+        yield (_Loc("[dispatch]", "backoff_max_s"),
+               f"must be >= backoff_initial_s ({initial!r}), not {most!r}")
+
+
+# --- the public functions ---------------------------------------------------------------------
+
+#: what ``load_config(None)`` parses: every default plus one demo instance
+_EMBEDDED: dict[str, Any] = {
+    "instances": [{"name": "demo", "phone_number_id": "1122334455667",
+                   "evolution_instance": "demo"}],
+}
+
+
+def parse_config(data: Mapping[str, Any], source: str,
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Validate parsed TOML ``data`` (named ``source`` in messages) into a :class:`Config`.
+
+    Environment overrides come from ``env`` (``os.environ`` when None). Raises
+    :class:`ConfigError` listing every problem found, not only the first.
+    """
+    walker = _Walker(source, os.environ if env is None else env)
+    cfg = walker.table(Config, data, _Loc(), None, "")
+    for loc, text in _cross_checks(cfg):
+        walker.problem(loc, text)
+    if walker.problems:
+        raise ConfigError(walker.problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the TOML file at ``path``; None means the embedded default.
+
+    Every problem (unreadable file, TOML syntax with its line and column, bad keys and
+    values) is raised as one :class:`ConfigError`.
+    """
+    if path is None:
+        return parse_config(_EMBEDDED, "<default>", env)
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError([f"{source}: cannot read the file: {reason}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not utf-8 text (byte {exc.start})"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        raise ConfigError([f"{source}: invalid toml: {message[:1].lower()}{message[1:]}"]) \
+            from exc
+    return parse_config(data, source, env)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The configuration as plain dicts and lists, every set secret replaced by ``"***"``.
+
+    An empty secret stays ``""`` (it reveals nothing and tells that the check is off).
+    """
+    plain: dict[str, Any] = _plain(cfg)
+    return plain
+
+
+def _plain(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {a.name: _HIDDEN if a.metadata[_SPEC].secret and getattr(value, a.name)
+                else _plain(getattr(value, a.name)) for a in attrs.fields(type(value)) if a.init}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@attrs.frozen
+class Setting:
+    """One documented key, e.g. for ``check-config --explain`` and config/README.md."""
+
+    table: str  # "[database]", "[context.loads.<load>]", "[[instances]]"
+    key: str  # "pool_size", "rules[].match"
+    type: str
+    default: str  # as TOML
+    doc: str
+    secret: bool
+    env: str | None
+
+
+def reference() -> list[Setting]:
+    """Every key of the schema with its type, default and meaning, in file order."""
+    return list(_describe(Config, "", ""))
+
+
+def _describe(cls: Any, table: str, prefix: str) -> Iterator[Setting]:
+    defaults = cls()
+    for a in attrs.fields(cls):
+        spec, tp = a.metadata.get(_SPEC), _hints(cls)[a.name]
+        args = typing.get_args(tp)
+        if spec is None:
+            continue
+        if attrs.has(tp):
+            yield from _describe(tp, f"[{a.name}]", "")
+        elif typing.get_origin(tp) is dict:
+            inner = f"{table[1:-1]}.{a.name}" if table else a.name
+            yield from _describe(args[1], f"[{inner}.<{a.name.removesuffix('s')}>]", "")
+        elif typing.get_origin(tp) is tuple and attrs.has(args[0]) and not table:
+            yield from _describe(args[0], f"[[{a.name}]]", "")
+        else:
+            yield Setting(table, prefix + a.name, _expected(tp, spec),
+                          _toml(getattr(defaults, a.name)), spec.doc, spec.secret, spec.env)
+            if typing.get_origin(tp) is tuple and attrs.has(args[0]):
+                yield from _describe(args[0], table, f"{a.name}[].")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)

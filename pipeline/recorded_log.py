@@ -1,0 +1,257 @@
+"""The recorded message log: JSONL, one raw webhook event a line (DESIGN.md).
+
+``{"received_at": "2025-08-31T10:15:02.123Z", "format": "cloud-api", "headers": {...},
+"body": {...}}`` — ``headers`` optional, ``body`` exactly as received. Replays read it with
+:func:`read_log` / :func:`merge_logs`; ``pipeline run`` writes it with :class:`LogRecorder`.
+
+A bad line never stops a replay: it becomes a :class:`LogError` naming ``file:line`` and the
+reading goes on. Files are read as bytes and decoded line by line, so one line of broken
+UTF-8 spoils only itself. Only the envelope is checked here; the body's shape is the
+parser's business (an odd body becomes an ``Invalid`` there, with a path into the body).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, Self
+
+import attrs
+
+from pipeline.records import FORMATS, RawEvent
+
+__all__ = ["MAX_LINE_BYTES", "LogError", "LogRecorder", "format_log_line", "merge_logs",
+           "read_log"]
+
+#: a longer line is reported and skipped instead of being held in memory whole
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+StrPath = str | os.PathLike[str]
+
+
+@attrs.frozen
+class LogError:
+    """A line of a log that could not be read; the replay reports it and carries on."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+class _BadLine(Exception):
+    """Why one line is unreadable; turned into a LogError by the reader."""
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = json.dumps(value) if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def read_log(
+    path: StrPath, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[RawEvent | LogError]:
+    """Yield the events of one log in file order, and a LogError for each bad line.
+
+    Blank lines are skipped silently. Each event's ``origin`` is ``"path:line"``. A file
+    that cannot be opened raises ``OSError`` (that is not a bad line, it is a bad command).
+    """
+    name = os.fspath(path)
+    with open(path, "rb") as file:
+        for number, raw in enumerate(_lines(file, max_line_bytes), start=1):
+            if raw is None:
+                yield LogError(name, number, f"line is longer than {max_line_bytes} bytes")
+            elif raw.strip():
+                yield _read_line(raw, name, number)
+
+
+def _lines(file: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """Physical lines, with ``None`` in place of a line longer than ``limit`` bytes."""
+    while line := file.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # skip the rest of the long line
+            line = file.readline(limit + 1)
+        yield None
+
+
+def _read_line(raw: bytes, name: str, number: int) -> RawEvent | LogError:
+    try:
+        return _event_from_line(raw, f"{name}:{number}")
+    except _BadLine as problem:
+        return LogError(name, number, str(problem))
+
+
+def _event_from_line(raw: bytes, origin: str) -> RawEvent:
+    record = _json_object(raw)
+    if "received_at" not in record:
+        raise _BadLine("received_at is missing")
+    received_at = _received_at(record["received_at"])
+    log_format = record.get("format")
+    if log_format not in FORMATS:
+        raise _BadLine(f"format must be 'cloud-api' or 'evolution', not {_describe(log_format)}")
+    if "body" not in record:
+        raise _BadLine("body is missing")
+    headers = _headers(record.get("headers", {}))
+    return RawEvent(received_at=received_at, format=log_format, body=record["body"],
+                    headers=headers, origin=origin)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadLine(f"line is not valid utf-8 at byte {exc.start}") from exc
+    try:
+        record = json.loads(text)
+    except RecursionError as exc:
+        raise _BadLine("line is nested too deeply") from exc
+    except json.JSONDecodeError as exc:
+        raise _BadLine(f"line is not valid json: {exc.msg.lower()} at column {exc.colno}") from exc
+    except ValueError as exc:  # e.g. an integer with too many digits
+        raise _BadLine(f"line is not valid json: {str(exc).lower()}") from exc
+    if not isinstance(record, dict):
+        raise _BadLine(f"line must be a json object, not {_describe(record)}")
+    return record
+
+
+def _received_at(value: Any) -> dt.datetime:
+    """An ISO-8601 time with ``Z`` or an offset: a naive time would be a guess."""
+    try:
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise _BadLine(f"received_at must be an iso-8601 time, not {_describe(value)}")
+    if moment.tzinfo is None:
+        raise _BadLine(f"received_at must carry a time zone (Z or an offset), not {value!r}")
+    return moment
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+        return value
+    raise _BadLine(f"headers must be an object of strings, not {_describe(value)}")
+
+
+# --- merging ------------------------------------------------------------------------------
+
+_BEGINNING = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _keyed(path: StrPath) -> Iterator[tuple[dt.datetime, RawEvent | LogError]]:
+    """Items of one log keyed by time; a LogError takes the time of the event before it."""
+    last = _BEGINNING
+    for item in read_log(path):
+        if isinstance(item, RawEvent):
+            last = item.received_at
+        yield last, item
+
+
+def merge_logs(paths: Iterable[StrPath]) -> Iterator[RawEvent | LogError]:
+    """Yield the events of several logs merged by ``received_at``, streaming.
+
+    Each log is assumed sorted by time already (``heapq.merge`` holds one item per file).
+    Ties keep the order of ``paths``, then line order. A LogError comes out where it was met,
+    right after the event that preceded it in its file. A file that goes back in time is not
+    re-sorted: its late line is yielded as soon as it reaches the head of that file, so the
+    output is then out of order too, exactly as recorded.
+    """
+    streams = [_keyed(path) for path in paths]
+    for _, item in heapq.merge(*streams, key=lambda pair: pair[0]):
+        yield item
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _iso_ms(moment: dt.datetime) -> str:
+    utc = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="milliseconds") + "Z"
+
+
+def format_log_line(event: RawEvent) -> str:
+    """One log line (without its newline) that :func:`read_log` reads back as ``event``.
+
+    ``received_at`` is written in UTC to the millisecond (finer digits are dropped), and
+    ``origin`` is not written: the reader derives it from the file position.
+    """
+    record: dict[str, Any] = {"received_at": _iso_ms(event.received_at), "format": event.format}
+    if event.headers:
+        record["headers"] = event.headers
+    record["body"] = event.body
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
+        line = json.dumps(record, ensure_ascii=True)
+    return line
+
+
+class LogRecorder:
+    """Append live intake to ``DIR/intake-YYYY-MM-DD.jsonl``, one file per UTC day.
+
+    Sync file I/O, flushed after every line so that a crash loses at most the line being
+    written; run it in a thread if its cost matters. The file is chosen by each event's
+    ``received_at`` date, so a late event from yesterday goes to yesterday's file.
+    """
+
+    def __init__(self, directory: StrPath) -> None:
+        self._directory = Path(directory)
+        self._day: dt.date | None = None
+        self._file: IO[bytes] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The file being written, if any."""
+        return None if self._day is None else self._path_for(self._day)
+
+    def _path_for(self, day: dt.date) -> Path:
+        return self._directory / f"intake-{day.isoformat()}.jsonl"
+
+    def write(self, event: RawEvent) -> None:
+        """Append one event, opening the file of its day first if needed."""
+        day = event.received_at.astimezone(dt.UTC).date()
+        if self._file is None or day != self._day:
+            self._open(day)
+        assert self._file is not None
+        self._file.write(format_log_line(event).encode("utf-8") + b"\n")
+        self._file.flush()
+
+    def _open(self, day: dt.date) -> None:
+        self.close()
+        self._directory.mkdir(parents=True, exist_ok=True)
+        file = open(self._path_for(day), "a+b")  # noqa: SIM115 (held across writes)
+        if file.seek(0, os.SEEK_END) > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":  # a crash cut the last line: do not glue onto it
+                file.write(b"\n")
+        self._file, self._day = file, day
+
+    def close(self) -> None:
+        """Close the current file; a later write opens it again."""
+        if self._file is not None:
+            self._file.close()
+        self._file, self._day = None, None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

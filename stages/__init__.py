@@ -1,0 +1,1 @@
+"""The stages of the pipeline: pure decisions over records, I/O kept at their edges."""

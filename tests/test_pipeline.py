@@ -1,0 +1,164 @@
+"""The whole message path on the real embedded database: the bundled sample, idempotency,
+graceful shutdown and cancellation in the middle of a database write."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import sql
+
+from pipeline.cli import sample_log
+from pipeline.config import Config, parse_config
+from pipeline.engine import Pipeline
+from pipeline.recorded_log import LogError, merge_logs
+from pipeline.records import Invalid, RawEvent
+from pipeline.shutdown import Shutdown
+from pipeline.store import Store
+from stages.outcomes import OutcomeSink
+
+RULES = [{"match": "price", "reply": "Prices start at 10."},
+         {"match": "preço", "reply": "Os preços começam em 10."},
+         {"match": "hours", "reply": "We open 9-18."}]
+
+
+def make_config(**pipeline: Any) -> Config:
+    return parse_config({
+        "pipeline": {"channel_capacity": 4, "max_active_conversations": 8, **pipeline},
+        "responders": {"rules": {"kind": "rules", "rules": RULES}},
+        "instances": [
+            {"name": "demo", "phone_number_id": "1122334455667"},
+            {"name": "loja", "evolution_instance": "loja"},
+        ],
+    }, "test")
+
+
+def log_source(path: Path) -> Any:
+    async def source(send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
+        for item in merge_logs([path]):
+            if isinstance(item, LogError):
+                await send.send(Invalid(item.reason, where=f"{item.path}:{item.line}"))
+            else:
+                await send.send(item)
+    return source
+
+
+async def run_sample(store: Store, cfg: Config | None = None) -> OutcomeSink:
+    sink = OutcomeSink(out=io.StringIO())
+    await Pipeline(cfg or make_config(), store, sink).run(log_source(sample_log()))
+    sink.lines = [json.loads(line) for line in sink.out.getvalue().splitlines()]  # type: ignore
+    for line in sink.lines:  # type: ignore
+        line.pop("timings_ms")
+        line.pop("conversation_id")
+    return sink
+
+
+async def test_sample_log_end_to_end(store: Store, conninfo: str) -> None:
+    sink = await run_sample(store)
+    assert sink.actions["replied"] > 0 and sink.actions["invalid"] >= 1
+    assert sink.actions["duplicate"] >= 1 and sink.actions["ignored"] >= 1
+    # nothing accepted is left behind, and every stored message got exactly one outcome
+    assert sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'") == [(0,)]
+    inbox = sql(conninfo, "SELECT count(*) FROM inbox")[0][0]
+    redelivered = sql(conninfo, "SELECT coalesce(sum(redeliveries), 0) FROM inbox")[0][0]
+    finished_at_intake = sink.actions["invalid"] + sink.actions["ignored"]
+    assert sink.total == inbox + redelivered + finished_at_intake  # type: ignore[operator]
+    # one stored user message per message that reached a turn
+    turned = sql(conninfo, "SELECT count(*) FROM inbox WHERE action IN "
+                 "('replied', 'escalated', 'held', 'merged')")
+    assert sql(conninfo, "SELECT count(*) FROM messages WHERE role = 'user'") == turned
+    # one AI interaction per replied turn, one outbox row per reply or hand-over
+    assert sql(conninfo, "SELECT count(*) FROM ai_interactions") == [(sink.actions["replied"],)]
+    outbox = sql(conninfo, "SELECT kind, count(*) FROM outbox GROUP BY kind")
+    assert dict(outbox) == {k: v for k, v in {"reply": sink.actions["replied"],
+                                              "handover": sink.actions["escalated"]}.items() if v}
+    assert sql(conninfo, "SELECT count(*) FROM dead_letters")[0][0] == sink.actions["invalid"]
+
+
+async def test_replaying_twice_writes_nothing_twice(store: Store, conninfo: str) -> None:
+    first = await run_sample(store)
+    counts = sql(conninfo, "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM outbox),"
+                 " (SELECT count(*) FROM ai_interactions)")
+    second = await run_sample(store)
+    assert second.total == first.total
+    stored = first.total - first.actions["invalid"] - first.actions["ignored"]
+    assert second.actions["duplicate"] == stored  # every message is now a redelivery
+    assert sql(conninfo, "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM outbox),"
+               " (SELECT count(*) FROM ai_interactions)") == counts
+
+
+async def test_same_log_same_outcomes(cluster: Any, store: Store) -> None:
+    first = await run_sample(store, make_config(max_active_conversations=1))
+    sql(store.pool.conninfo, "TRUNCATE inbox, messages, ai_interactions, escalations, outbox, "
+        "dead_letters, conversations CASCADE")
+    second = await run_sample(store, make_config(max_active_conversations=16))
+    first_lines = sorted(json.dumps(x, sort_keys=True) for x in first.lines)
+    second_lines = sorted(json.dumps(x, sort_keys=True) for x in second.lines)
+    assert set(first_lines) ^ set(second_lines) == set()
+    assert first.actions == second.actions
+    assert first.escalations == second.escalations
+
+
+async def test_graceful_shutdown_drains_what_was_accepted(store: Store, conninfo: str) -> None:
+    events = [e for e in merge_logs([sample_log()]) if isinstance(e, RawEvent)]
+    shutdown = Shutdown(grace_s=30)
+    fed = 0
+    half = trio.Event()
+
+    async def endless(send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
+        nonlocal fed
+        for event in events:
+            await send.send(event)
+            fed += 1
+            if fed == len(events) // 2:
+                half.set()
+        await trio.sleep_forever()  # a live source: only a shutdown ends it
+
+    sink = OutcomeSink()
+    pipeline = Pipeline(make_config(), store, sink)
+    shutdown.on_stop(pipeline.stop_sources)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_in, shutdown.scope, pipeline, endless)
+        await half.wait()
+        shutdown.request()
+    assert not shutdown.expired
+    assert sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'") == [(0,)]
+    assert sink.total > 0
+
+
+async def _run_in(scope: trio.CancelScope, pipeline: Pipeline, source: Any) -> None:
+    with scope:
+        await pipeline.run(source)
+
+
+async def test_cancel_during_a_database_write_leaves_no_partial_rows(
+    store: Store, conninfo: str,
+) -> None:
+    # every turn commit now takes 0.3 s on the server: cancel while commits are in flight
+    sql(conninfo, """
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
+        CREATE TRIGGER slow_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION slow();
+    """)
+    sink = OutcomeSink()
+    with trio.move_on_after(1.0) as scope:
+        await Pipeline(make_config(), store, sink).run(log_source(sample_log()))
+    assert scope.cancelled_caught
+    assert store.pool.stats.in_use == 0
+    # each turn's effects are all there or not at all
+    torn = sql(conninfo, """
+        SELECT count(*) FROM ai_interactions a
+        WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.idempotency_key = a.turn_id || ':reply')
+           OR NOT EXISTS (SELECT 1 FROM inbox i WHERE i.turn_id = a.turn_id)""")
+    assert torn == [(0,)]
+    replied_rows = sql(conninfo, "SELECT count(*) FROM inbox WHERE action = 'replied'")
+    assert replied_rows == sql(conninfo, "SELECT count(*) FROM ai_interactions")
+    # what was not finished is still pending, so the next start picks it up
+    pending = sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'")[0][0]
+    assert pending > 0  # type: ignore[operator]
+    done = Counter(o.action for o in [])  # nothing reported for cancelled turns
+    assert not done
