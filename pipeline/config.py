@@ -23,6 +23,8 @@ import sys
 import tomllib
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -584,11 +586,10 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
 
 # --- the public functions ---------------------------------------------------------------------
 
-#: what ``load_config(None)`` parses: every default plus one demo instance
-_EMBEDDED: dict[str, Any] = {
-    "instances": [{"name": "demo", "phone_number_id": "1122334455667",
-                   "evolution_instance": "demo"}],
-}
+def embedded_default() -> Path:
+    """The config used when none is given: the commented example shipped with the package
+    (``config/pipeline.toml`` is a link to it), so the example always runs as-is."""
+    return Path(str(resources.files("pipeline") / "data" / "default.toml"))
 
 
 def parse_config(data: Mapping[str, Any], source: str,
@@ -614,9 +615,7 @@ def load_config(path: str | os.PathLike[str] | None,
     Every problem (unreadable file, TOML syntax with its line and column, bad keys and
     values) is raised as one :class:`ConfigError`.
     """
-    if path is None:
-        return parse_config(_EMBEDDED, "<default>", env)
-    source = os.fspath(path)
+    source = os.fspath(embedded_default() if path is None else path)
     try:
         with open(source, "rb") as file:
             data = tomllib.load(file)

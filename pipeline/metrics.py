@@ -68,12 +68,19 @@ class Metrics:
     """All stages' metrics, plus free-form counters (actions, escalation reasons, ...)."""
 
     stages: dict[str, StageMetrics] = attrs.field(factory=dict)
+    operations: dict[str, Histogram] = attrs.field(factory=dict)
     counters: Counter[str] = attrs.field(factory=Counter)
 
     def stage(self, name: str) -> StageMetrics:
         if name not in self.stages:
             self.stages[name] = StageMetrics(name)
         return self.stages[name]
+
+    def operation(self, name: str) -> Histogram:
+        """Latency of a named operation inside a stage (a query, a responder call...)."""
+        if name not in self.operations:
+            self.operations[name] = Histogram()
+        return self.operations[name]
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -84,6 +91,10 @@ class Metrics:
                     "p95_ms": s.latency.percentile(95), "p99_ms": s.latency.percentile(99),
                 }
                 for s in self.stages.values()
+            },
+            "operations": {
+                name: {"count": h.count, "p50_ms": h.percentile(50), "p99_ms": h.percentile(99)}
+                for name, h in sorted(self.operations.items())
             },
             "counters": dict(sorted(self.counters.items())),
         }

@@ -38,8 +38,7 @@ class ReplayResult:
 
 def _as_event(item: RawEvent | LogError) -> RawEvent | Invalid:
     if isinstance(item, LogError):
-        return Invalid(item.reason, where=f"{item.path}:{item.line}",
-                       origin=f"{item.path}:{item.line}")
+        return Invalid(item.reason, origin=f"{item.path}:{item.line}")
     return item
 
 

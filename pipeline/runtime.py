@@ -93,6 +93,7 @@ async def batch_stage(
     with send, recv:
         task_status.started()
         async for first in recv:
+            stats.queued(recv.statistics().current_buffer_used + 1)
             batch = [first]
             while len(batch) < max_batch:
                 try:
@@ -100,7 +101,6 @@ async def batch_stage(
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             stats.received += len(batch)
-            stats.queued(recv.statistics().current_buffer_used + len(batch))
             await _emit(await _handle(batch, handler, None, stats), send, stats)
 
 

@@ -138,7 +138,7 @@ class Store:
         await self._all(
             "INSERT INTO dead_letters (stage, reason, origin, format, raw)"
             " VALUES (%s, %s, %s, %s, %s)",
-            (stage, f"{invalid.reason} at {invalid.where}" if invalid.where else invalid.reason,
+            (stage, f"{invalid.reason} (at {invalid.where})" if invalid.where else invalid.reason,
              invalid.origin, invalid.format, raw),
         )
 

@@ -24,7 +24,7 @@ def finished(item: Ignored | Invalid) -> Outcome:
     if isinstance(item, Ignored):
         return Outcome("ignored", item.message_id, item.instance, None, reason=item.reason,
                        origin=item.origin)
-    where = f" at {item.where}" if item.where else ""
+    where = f" (at {item.where})" if item.where and item.where != item.origin else ""
     return Outcome("invalid", None, None, None, reason=f"{item.reason}{where}",
                    origin=item.origin)
 

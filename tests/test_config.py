@@ -22,6 +22,7 @@ from pipeline.config import (
     LoadConfig,
     ResponderConfig,
     RuleConfig,
+    embedded_default,
     load_config,
     parse_config,
     redacted,
@@ -55,13 +56,13 @@ def with_acme(data: dict[str, Any]) -> dict[str, Any]:
 
 def test_example_loads_without_problems() -> None:
     cfg = load_config(EXAMPLE, env={})
-    assert [i.name for i in cfg.instances] == ["acme", "loja"]
+    assert [i.name for i in cfg.instances] == ["demo", "loja"]
     assert cfg.database.dsn == ""
     assert cfg.dispatch.transport == "dry"
     assert cfg.responders["rules"].kind == "rules"
     assert {r.match for r in cfg.responders["rules"].rules} >= {"price", "preço"}
-    assert cfg.instance_by_phone_number_id == {"1122334455667": "acme", "5511987654321": "loja"}
-    assert cfg.instance_by_evolution_name == {"acme": "acme", "loja-centro": "loja"}
+    assert cfg.instance_by_phone_number_id == {"1122334455667": "demo"}
+    assert cfg.instance_by_evolution_name == {"demo": "demo", "loja": "loja"}
     assert cfg.instance("loja").max_failed_answers == 2
 
 
@@ -106,8 +107,14 @@ def test_reference_defaults_are_the_class_defaults() -> None:
 
 # --- defaults ---------------------------------------------------------------------------------
 
-def test_embedded_default() -> None:
-    cfg = load_config(None, env={})
+def test_embedded_default_is_the_example() -> None:
+    assert load_config(None, env={}) == load_config(EXAMPLE, env={})
+    assert EXAMPLE.resolve() == embedded_default().resolve()
+
+
+def test_schema_defaults() -> None:
+    cfg = parse_config({"instances": [{"name": "demo", "phone_number_id": "1122334455667",
+                                       "evolution_instance": "demo"}]}, "x", env={})
     assert cfg.pipeline.max_active_conversations == 64
     assert cfg.pipeline.channel_capacity == 16
     assert cfg.database.dsn == "" and cfg.database.pool_size == 10

@@ -1,0 +1,195 @@
+"""Structured-concurrency versions of the source documents' promise helpers.
+
+=========================================  =============================================
+source document (TypeScript)               here
+=========================================  =============================================
+executeParallel (Promise.all)              :func:`all_or_nothing` -- siblings cancelled on
+                                           the first error, errors as an ExceptionGroup
+executeSafeParallel (allSettled+defaults)  :func:`settle` -- per-operation default on
+                                           failure or timeout, with a record of why
+executeWithConcurrencyLimit                :func:`map_bounded` -- results in input order
+executeBatchedParallel                     :func:`batches` -- from a channel, bounded size
+                                           and delay
+executeWithRetry                           :func:`retry` -- exponential backoff, jitter,
+                                           attempt and deadline budget, declared errors only
+withTimeout / measureTime                  ``timeout`` arguments, :func:`timed`
+=========================================  =============================================
+
+Every task lives in a nursery owned by the caller's ``await``; nothing outlives the call.
+Only ``Exception`` subclasses are caught, never ``Cancelled``/``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+from pipeline.metrics import Metrics
+
+T = TypeVar("T")
+R = TypeVar("R")
+Op = Callable[[], Awaitable[T]]
+
+
+@contextmanager
+def timed(metrics: Metrics | None, name: str) -> Iterator[None]:
+    """Record the duration of the block (success or not) as operation ``name``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.operation(name).record((time.perf_counter() - start) * 1000)
+
+
+async def _run_named(name: str, op: Op[T], timeout: float | None, metrics: Metrics | None,
+                     into: dict[str, Any]) -> None:
+    with timed(metrics, name):
+        if timeout is None:
+            into[name] = await op()
+        else:
+            with trio.fail_after(timeout):
+                into[name] = await op()
+
+
+async def all_or_nothing(ops: Mapping[str, Op[Any]], *, timeout: float | None = None,
+                         metrics: Metrics | None = None) -> dict[str, Any]:
+    """Run the named operations together; the first error cancels the rest.
+
+    Errors surface as an ``ExceptionGroup`` (handle with ``except*``); a timeout is a
+    ``trio.TooSlowError`` of the operation that ran out of time.
+    """
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        for name, op in ops.items():
+            nursery.start_soon(_run_named, name, op, timeout, metrics, results, name=name)
+    return {name: results[name] for name in ops}
+
+
+@attrs.frozen
+class Failure:
+    """Why an operation of :func:`settle` fell back to its default."""
+
+    name: str
+    reason: str  # "timeout after 0.5 s" or "ValueError: ..."
+
+
+@attrs.frozen
+class Settled(Generic[T]):
+    values: dict[str, T]
+    failures: tuple[Failure, ...] = ()
+
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.failures)
+
+
+async def settle(ops: Mapping[str, Op[Any]], defaults: Mapping[str, Any], *,
+                 timeouts: Mapping[str, float] | None = None,
+                 catch: tuple[type[Exception], ...] = (Exception,),
+                 metrics: Metrics | None = None) -> Settled[Any]:
+    """Run the named operations together; one that fails (an error in ``catch``) or times
+    out gets its default and a :class:`Failure` record, and the others go on."""
+    missing = set(ops) - set(defaults)
+    if missing:
+        raise ValueError(f"no default for {sorted(missing)}")
+    values: dict[str, Any] = {}
+    failures: dict[str, Failure] = {}
+
+    async def guarded(name: str, op: Op[Any]) -> None:
+        limit = (timeouts or {}).get(name)
+        try:
+            await _run_named(name, op, limit, metrics, values)
+        except trio.TooSlowError:
+            failures[name] = Failure(name, f"timeout after {limit} s")
+        except catch as exc:
+            failures[name] = Failure(name, f"{type(exc).__name__}: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        for name, op in ops.items():
+            nursery.start_soon(guarded, name, op, name=name)
+    merged = {name: values[name] if name in values else defaults[name] for name in ops}
+    return Settled(merged, tuple(failures[n] for n in ops if n in failures))
+
+
+async def map_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], *,
+                      limit: int) -> list[R]:
+    """``[await fn(x) for x in items]`` with at most ``limit`` running at once; fail fast."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, not {limit}")
+    results: list[Any] = [None] * len(items)
+    slots = trio.Semaphore(limit)
+
+    async def one(index: int, item: T) -> None:
+        try:
+            results[index] = await fn(item)
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for index, item in enumerate(items):
+            await slots.acquire()
+            nursery.start_soon(one, index, item)
+    return results
+
+
+async def batches(recv: trio.MemoryReceiveChannel[T], *, max_size: int,
+                  max_delay: float) -> AsyncIterator[list[T]]:
+    """Group items from ``recv``: a batch is sent when it holds ``max_size`` items or
+    ``max_delay`` seconds after its first item, whichever comes first."""
+    async for first in recv:
+        batch = [first]
+        with trio.move_on_after(max_delay):
+            while len(batch) < max_size:
+                try:
+                    batch.append(await recv.receive())
+                except trio.EndOfChannel:
+                    break
+        yield batch
+
+
+@attrs.frozen
+class Backoff:
+    """Retry policy: ``attempts`` tries, pauses growing ``factor``-fold from ``initial_s`` up
+    to ``max_s`` with full jitter, and no retry that would start after ``deadline_s``."""
+
+    attempts: int = 5
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    factor: float = 2.0
+    deadline_s: float | None = None
+    jitter: bool = True
+
+    def pause(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
+        return rng.uniform(0, ceiling) if self.jitter else ceiling
+
+
+async def retry(op: Op[T], *, retry_on: tuple[type[Exception], ...], policy: Backoff,
+                rng: random.Random | None = None,
+                on_retry: Callable[[int, Exception, float], None] | None = None) -> T:
+    """Run ``op``; on an error in ``retry_on`` wait and try again within the budget.
+
+    Other errors, and the last retryable one, propagate unchanged.
+    """
+    rng = rng or random.Random()
+    started = trio.current_time()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await op()
+        except retry_on as exc:
+            pause = policy.pause(attempt, rng)
+            late = (policy.deadline_s is not None
+                    and trio.current_time() + pause - started > policy.deadline_s)
+            if attempt == policy.attempts or late:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc, pause)
+            await trio.sleep(pause)
+    raise AssertionError("unreachable: the loop returns or raises")
