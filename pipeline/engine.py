@@ -14,10 +14,12 @@ from typing import Any
 
 import attrs
 import trio
+from loguru import logger
 
 from pipeline.config import Config
+from pipeline.gate import ConversationGate
 from pipeline.metrics import Metrics
-from pipeline.records import Invalid, Outcome, RawEvent
+from pipeline.records import Invalid, Outcome, RawEvent, Turn
 from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
 from pipeline.store import InstanceRow, Store
 from stages.context import LoadContext
@@ -122,8 +124,19 @@ class Pipeline:
         buffer = BurstBuffer(dt.timedelta(milliseconds=cfg.intake.burst_window_ms),
                              cfg.intake.burst_max_messages)
         await nursery.start(_assemble, fresh_recv, turns_send, buffer, m, self.wall_clock)
-        keyed = {"max_active": lanes, "lane_capacity": cap}
-        context = LoadContext(store, cfg.context.history_chars, cfg.context.recent_interactions)
+        gate = ConversationGate()
+
+        async def drop_turn(turn: Turn, exc: Exception) -> list[Any]:
+            gate.leave(turn.key)
+            logger.bind(stage="turn", conversation=turn.key).error(
+                "turn {} of {}/{} failed and stays pending in the inbox: {}",
+                turn.turn_id, turn.instance, turn.sender, exc)
+            m.counters["failed turns"] += 1
+            return []
+
+        keyed = {"max_active": lanes, "lane_capacity": cap, "on_error": drop_turn}
+        context = LoadContext(store, gate, cfg.context.history_chars,
+                              cfg.context.recent_interactions)
         await nursery.start(_call, keyed_stage, context, turns_recv, ctx_send,
                             m.stage("context"), keyed)
         await nursery.start(_call, keyed_stage, Escalation(escalation_rules(cfg)), ctx_recv,
@@ -131,7 +144,7 @@ class Pipeline:
         await nursery.start(_call, keyed_stage, Respond(responders(cfg)), dec_recv, rep_send,
                             m.stage("respond"), keyed)
         handover = {i.name: cfg.escalation.handover_message for i in cfg.instances}
-        await nursery.start(_call, keyed_stage, Dispatch(store, handover, cfg.dispatch.transport),
+        await nursery.start(_call, keyed_stage, Dispatch(store, gate, handover, cfg.dispatch.transport),
                             rep_recv, done_send, m.stage("dispatch"), keyed)
         return raw_send
 

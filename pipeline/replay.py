@@ -85,9 +85,9 @@ def summary(result: ReplayResult, *, kept: bool) -> str:
     if sink.invalid:
         lines.append("invalid:")
         lines += [f"  {line}" for line in sink.invalid]
-    failed = sum(s.dropped for s in result.metrics.stages.values())
+    failed = result.metrics.counters["failed turns"]
     if failed:
-        lines.append(f"failed: {failed} items could not be processed (see the log); "
+        lines.append(f"failed: {failed} turns could not be processed (see the log); "
                      "their messages stay pending in the inbox")
     lines.append(f"database: {result.database}" + (" (kept)" if kept else " (dropped)"))
     return "\n".join(lines)

@@ -51,12 +51,12 @@ async def _handle(item: Any, handler: Handler, on_error: ErrorHandler | None,
         outputs = await handler(item)
     except Exception as exc:
         stats.errors += 1
+        stats.dropped += 1
         if on_error is None:
             logger.bind(stage=stats.name).opt(exception=exc).error(
                 "stage {} failed on an item and dropped it", stats.name)
-            stats.dropped += 1
             return ()
-        outputs = await on_error(item, exc)
+        return await on_error(item, exc)
     ms = (time.perf_counter() - start) * 1000
     stats.latency.record(ms)
     return [_timed(out, stats.name, ms) for out in outputs]
@@ -136,12 +136,15 @@ async def keyed_stage(
                 stats.received += 1
                 stats.queued(recv.statistics().current_buffer_used)
                 key = item.key
-                if key not in lanes:
-                    token = object()
-                    await slots.acquire_on_behalf_of(token)
-                    lane_send, lane_recv = trio.open_memory_channel[Any](lane_capacity)
-                    lanes[key] = lane_send
-                    stats.active = len(lanes)
-                    nursery.start_soon(run_lane, key, lane_recv, token, name=f"lane {key}")
-                await lanes[key].send(item)
+                lane = lanes.get(key)
+                if lane is not None:
+                    await lane.send(item)
+                    continue
+                token = object()
+                await slots.acquire_on_behalf_of(token)
+                lane_send, lane_recv = trio.open_memory_channel[Any](lane_capacity)
+                lane_send.send_nowait(item)  # before the lane starts: it never starts empty
+                lanes[key] = lane_send
+                stats.active = len(lanes)
+                nursery.start_soon(run_lane, key, lane_recv, token, name=f"lane {key}")
 

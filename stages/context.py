@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import attrs
 
+from pipeline.gate import ConversationGate
 from pipeline.records import Turn
 from pipeline.store import Store
 
@@ -17,9 +18,11 @@ from pipeline.store import Store
 @attrs.define
 class LoadContext:
     store: Store
+    gate: ConversationGate
     history_chars: int
     recent_interactions: int
 
     async def __call__(self, turn: Turn) -> list[Turn]:
+        await self.gate.enter(turn.key)  # left by dispatch, or by whoever drops the turn
         ctx = await self.store.load_context(turn, self.history_chars, self.recent_interactions)
         return [attrs.evolve(turn, context=ctx)]

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from pipeline.gate import ConversationGate
 from pipeline.records import Action, Outcome, Turn
 from pipeline.store import Store, TurnEffects
 
@@ -62,10 +63,12 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
 @attrs.define
 class Dispatch:
     store: Store
+    gate: ConversationGate
     handover_messages: dict[str, str]  # by instance
     transport: str
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
         fx = effects(turn, self.handover_messages[turn.instance], self.transport == "dry")
         await self.store.commit_turn(fx)
+        self.gate.leave(turn.key)
         return outcomes(turn, fx)
