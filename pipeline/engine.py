@@ -144,8 +144,9 @@ class Pipeline:
         await nursery.start(_call, keyed_stage, Respond(responders(cfg)), dec_recv, rep_send,
                             m.stage("respond"), keyed)
         handover = {i.name: cfg.escalation.handover_message for i in cfg.instances}
-        await nursery.start(_call, keyed_stage, Dispatch(store, gate, handover, cfg.dispatch.transport),
-                            rep_recv, done_send, m.stage("dispatch"), keyed)
+        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport)
+        await nursery.start(_call, keyed_stage, dispatch, rep_recv, done_send,
+                            m.stage("dispatch"), keyed)
         return raw_send
 
 
