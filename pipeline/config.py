@@ -157,21 +157,29 @@ class WebhookConfig:
 
 
 @attrs.frozen
-class IntakeConfig:
-    """``[intake]``: the burst buffer and inbox claims."""
+class BufferConfig:
+    """``[intake.buffer]``: the burst buffer that folds close messages into one turn."""
 
-    burst_window_ms: int = setting(1500, "messages of one sender this close together form one "
-                                   "turn; 0 = no buffering", ge=0)
-    burst_max_messages: int = setting(10, "most messages in one turn", ge=1)
-    retry_backoff_s: float = setting(1.0, "pause before retrying an inbox claim", gt=0)
+    window_ms: int = setting(1500, "a message within this time of the sender's previous one "
+                             "joins its turn; 0 = no buffering", ge=0)
+    max_wait_ms: int = setting(5000, "a turn closes at the latest this long after its first "
+                               "message; 0 = no limit", ge=0)
+    max_messages: int = setting(10, "most messages in one turn", ge=1)
+
+
+@attrs.frozen
+class IntakeConfig:
+    """``[intake]``: what happens between a webhook or log line and the stages."""
+
+    buffer: BufferConfig = _section(BufferConfig, "the burst buffer")
 
 
 @attrs.frozen
 class DedupeConfig:
     """``[dedupe]``: duplicate detection beyond redelivered message ids."""
 
-    text_window_s: float = setting(30.0, "same text from the same sender within this window is "
-                                   "a duplicate; 0 = off", ge=0)
+    content_window_s: float = setting(30.0, "same text from the same sender within this window "
+                                      "is a duplicate; 0 = off", ge=0)
 
 
 @attrs.frozen
@@ -677,7 +685,7 @@ def _describe(cls: Any, table: str, prefix: str) -> Iterator[Setting]:
         if spec is None:
             continue
         if attrs.has(tp):
-            yield from _describe(tp, f"[{a.name}]", "")
+            yield from _describe(tp, f"[{table[1:-1]}.{a.name}]" if table else f"[{a.name}]", "")
         elif typing.get_origin(tp) is dict:
             inner = f"{table[1:-1]}.{a.name}" if table else a.name
             yield from _describe(args[1], f"[{inner}.<{a.name.removesuffix('s')}>]", "")

@@ -68,6 +68,12 @@ def responders(cfg: Config) -> dict[str, RulesResponder]:
     return out
 
 
+def burst_buffer(cfg: Config) -> BurstBuffer:
+    buf = cfg.intake.buffer
+    return BurstBuffer(dt.timedelta(milliseconds=buf.window_ms), buf.max_messages,
+                       dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None)
+
+
 @attrs.define
 class Pipeline:
     """One run of the stage graph. ``stop_sources()`` starts a graceful shutdown."""
@@ -117,12 +123,11 @@ class Pipeline:
         intake = Intake(store, directory, done_send.clone())
         await nursery.start(_closing, intake.done, batch_stage, intake, raw_recv, stored_send,
                             m.stage("intake"), {"max_batch": cap})
-        dedupe = Dedupe(TextDeduper(dt.timedelta(seconds=cfg.dedupe.text_window_s)), store,
+        dedupe = Dedupe(TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s)), store,
                         done_send.clone())
         await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_recv,
                             fresh_send, m.stage("dedupe"), {})
-        buffer = BurstBuffer(dt.timedelta(milliseconds=cfg.intake.burst_window_ms),
-                             cfg.intake.burst_max_messages)
+        buffer = burst_buffer(cfg)
         await nursery.start(_assemble, fresh_recv, turns_send, buffer, m, self.wall_clock)
         gate = ConversationGate()
 

@@ -1,8 +1,11 @@
 """Burst buffer: messages of one sender that arrive close together become one Turn.
 
-Pure logic over record times (``received_at``), not the clock: a sender's open turn closes
-when a message of anyone arrives more than ``window`` after its last message, when it holds
-``max_messages``, or on :meth:`BurstBuffer.expire` / :meth:`BurstBuffer.flush`. Driven by the
+Pure logic over record times (``received_at``), not the clock. A sender's message joins the
+sender's open turn when it arrives within ``window`` of the previous one; the turn closes
+``window`` after its last message or ``max_wait`` after its first, whichever comes first, or
+when it holds ``max_messages``. Time moves on with the messages themselves (a message of
+anyone at time T closes every turn due before T), with :meth:`BurstBuffer.expire` and with
+:meth:`BurstBuffer.flush` at the end. Driven by the
 recorded times, the same log always forms the same turns; a live source also calls
 ``expire(now)`` when :attr:`BurstBuffer.next_deadline` passes.
 """
@@ -19,6 +22,8 @@ import trio
 from pipeline.metrics import StageMetrics
 from pipeline.records import InboundMessage, Stored, Turn
 
+_NEVER = dt.datetime.max.replace(tzinfo=dt.UTC)
+
 
 def turn_id(first: InboundMessage) -> str:
     """Stable id of the turn that starts with ``first`` (same log → same ids)."""
@@ -30,12 +35,14 @@ def turn_id(first: InboundMessage) -> str:
 class _Open:
     messages: list[InboundMessage]
     deadline: dt.datetime
+    latest: dt.datetime  # first message + max_wait: the deadline never moves past it
 
 
 @attrs.define
 class BurstBuffer:
     window: dt.timedelta
     max_messages: int
+    max_wait: dt.timedelta | None = None  # None: no limit
     _open: dict[tuple[str, str], _Open] = attrs.field(factory=dict, init=False)
 
     @property
@@ -54,9 +61,11 @@ class BurstBuffer:
             closed.append(self._close(key))
             current = None
         if current is None:
-            current = self._open[key] = _Open([], msg.received_at)
+            latest = msg.received_at + self.max_wait if self.max_wait is not None else _NEVER
+            current = self._open[key] = _Open([], msg.received_at, latest)
         current.messages.append(msg)
-        current.deadline = max(current.deadline, msg.received_at + self.window)
+        current.deadline = min(max(current.deadline, msg.received_at + self.window),
+                               current.latest)
         if self.window <= dt.timedelta(0) or len(current.messages) >= self.max_messages:
             closed.append(self._close(key))
         return closed

@@ -121,8 +121,8 @@ def test_schema_defaults() -> None:
     assert cfg.database.migrate_on_start is True
     assert cfg.logging.level == "INFO" and cfg.logging.format == "console"
     assert cfg.webhook.port == 8080 and cfg.webhook.max_body_bytes == 1048576
-    assert cfg.intake.burst_window_ms == 1500
-    assert cfg.dedupe.text_window_s == 30.0
+    assert cfg.intake.buffer.window_ms == 1500 and cfg.intake.buffer.max_wait_ms == 5000
+    assert cfg.dedupe.content_window_s == 30.0
     assert cfg.context.mode == "single"
     assert cfg.escalation.keywords[:2] == ("human", "agent")
     assert cfg.dispatch.transport == "dry" and cfg.dispatch.backoff_max_s == 60.0
@@ -223,10 +223,10 @@ ONE_PROBLEM = [
      r"x\.toml: \[pipeline\] idle_conversation_s must be a number > 0, not 0"),
     ({"escalation": {"min_confidence": 1.5}},
      r"x\.toml: \[escalation\] min_confidence must be a number <= 1, not 1\.5"),
-    ({"dedupe": {"text_window_s": math.nan}},
-     r"x\.toml: \[dedupe\] text_window_s must be a number >= 0, not nan"),
-    ({"dedupe": {"text_window_s": math.inf}},
-     r"x\.toml: \[dedupe\] text_window_s must be a number >= 0, not inf"),
+    ({"dedupe": {"content_window_s": math.nan}},
+     r"x\.toml: \[dedupe\] content_window_s must be a number >= 0, not nan"),
+    ({"dedupe": {"content_window_s": math.inf}},
+     r"x\.toml: \[dedupe\] content_window_s must be a number >= 0, not inf"),
     ({"context": {"loads": {"history": {"timeout_ms": -1}}}},
      r"x\.toml: \[context\.loads\.history\] timeout_ms must be a number > 0, not -1"),
     ({"responders": {"faq": {"rules": [{"match": "a", "reply": "b", "confidence": 2}]}}},
@@ -396,7 +396,7 @@ def test_wrong_shapes_everywhere() -> None:
         r"pipeline must be a table, not 3",
         r"\[metrics\] summary must be true or false, not 1979-05-27T07:32:00\+00:00",
         r"webhook must be a table, not \[1, 2\]",
-        r"\[dedupe\] text_window_s must be a number >= 0, not inf",
+        r"\[dedupe\] content_window_s must be a number >= 0, not inf",
         r"\[context\] loads must be a table, not 'all of them'",
         r"\[responders\] faq must be a table, not 'not a table'",
         r"instances must be an array of tables, not a table",
