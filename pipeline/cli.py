@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     cfg = argparse.ArgumentParser(add_help=False)
     cfg.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded default)")
     run = sub.add_parser("run", parents=[cfg], help="run the configured sources until a signal")
+    run.add_argument("--out", type=Path, help="write one outcome line per message here")
     run.set_defaults(func=_cmd_run)
     rp = sub.add_parser("replay", parents=[cfg], help="replay recorded message logs")
     rp.add_argument("logs", nargs="*", type=Path, help="JSONL logs (default: the bundled sample)")
@@ -138,9 +139,39 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    raise NotImplementedError(
-        "pipeline run needs the webhook source, which is not built yet; "
-        "use pipeline replay for recorded logs")
+    from pipeline.engine import Pipeline
+    from pipeline.live import live_source
+    from pipeline.metrics import Metrics, summary_table
+    from pipeline.records import utcnow
+    from stages.outcomes import OutcomeSink
+
+    shutdown = Shutdown(cfg.pipeline.shutdown_grace_s)
+    metrics = Metrics()
+
+    def ready(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    async def main(sink: OutcomeSink) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_signals, shutdown)
+            with shutdown.scope:
+                async with open_store(cfg.database) as store:
+                    pipeline = Pipeline(cfg, store, sink, metrics, wall_clock=utcnow)
+                    shutdown.on_stop(pipeline.stop_sources)
+                    await pipeline.run(live_source(cfg, store, metrics, ready))
+            nursery.cancel_scope.cancel()
+
+    with ExitStack() as stack:
+        sink = OutcomeSink(stack.enter_context(open(args.out, "a")) if args.out else None)
+        trio.run(main, sink)
+    print("actions: " + ", ".join(f"{a}={n}" for a, n in sorted(sink.actions.items())))
+    if cfg.metrics.summary:
+        print(summary_table(metrics, 0))
+    if shutdown.expired:
+        logger.error("shutdown grace expired: unfinished turns were cancelled and stay "
+                     "pending in the inbox for the next start")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _cmd_db(args: argparse.Namespace, cfg: Config) -> int:

@@ -19,7 +19,7 @@ from loguru import logger
 from pipeline.config import Config
 from pipeline.gate import ConversationGate
 from pipeline.metrics import Metrics
-from pipeline.records import Invalid, Outcome, RawEvent, Turn
+from pipeline.records import Invalid, Outcome, RawEvent, Stored, Turn
 from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
 from pipeline.store import InstanceRow, Store
 from stages.context import LoadContext
@@ -31,9 +31,6 @@ from stages.outcomes import OutcomeSink, collect_outcomes
 from stages.parse import InstanceDirectory
 from stages.respond import Respond, Rule, RulesResponder
 from stages.turns import BurstBuffer, assemble_turns
-
-#: a source writes raw events (or invalid-line reports) and closes the channel when done
-Source = Callable[[trio.MemorySendChannel[RawEvent | Invalid]], Awaitable[None]]
 
 
 def instance_rows(cfg: Config) -> list[InstanceRow]:
@@ -74,6 +71,33 @@ def burst_buffer(cfg: Config) -> BurstBuffer:
                        dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None)
 
 
+@attrs.frozen
+class Inlets:
+    """Where a source puts what it reads; each source gets its own clones and closes them.
+
+    ``raw`` goes through intake (parse, store); ``stored`` is for messages the source has
+    already written to the inbox (the webhook acknowledges only after that); ``done`` takes
+    outcomes the source settled itself. ``stopping`` is set when the pipeline shuts down:
+    sources finish what they hold and return.
+    """
+
+    raw: trio.MemorySendChannel[RawEvent | Invalid]
+    stored: trio.MemorySendChannel[Stored]
+    done: trio.MemorySendChannel[Outcome]
+    stopping: trio.Event
+
+    def clone(self) -> Inlets:
+        return Inlets(self.raw.clone(), self.stored.clone(), self.done.clone(), self.stopping)
+
+    def close(self) -> None:
+        for channel in (self.raw, self.stored, self.done):
+            channel.close()
+
+
+#: a source reads events until it is exhausted or ``inlets.stopping`` is set
+Source = Callable[[Inlets], Awaitable[None]]
+
+
 @attrs.define
 class Pipeline:
     """One run of the stage graph. ``stop_sources()`` starts a graceful shutdown."""
@@ -83,53 +107,49 @@ class Pipeline:
     sink: OutcomeSink
     metrics: Metrics = attrs.field(factory=Metrics)
     wall_clock: Callable[[], dt.datetime] | None = None
-    _source_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
+    gate: ConversationGate = attrs.field(factory=ConversationGate, init=False)
 
     def stop_sources(self) -> None:
-        self._source_scope.cancel()
+        """Ask every source to stop reading; what they already handed over is finished."""
+        self.stopping.set()
 
-    async def run(self, source: Source,
+    async def run(self, *sources: Source,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until the source ends (or is stopped) and everything accepted is through."""
+        """Run until every source has ended and everything it handed over is through."""
         await self.store.seed_instances(instance_rows(self.cfg))
         async with trio.open_nursery() as nursery:
-            raw_send = await self._start_stages(nursery)
+            inlets = await self._start_stages(nursery)
             task_status.started()
-            nursery.start_soon(self._run_source, source, raw_send)
+            for source in sources:
+                nursery.start_soon(_run_source, source, inlets.clone())
+            inlets.close()
 
-    async def _run_source(self, source: Source,
-                          send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
-        with send, self._source_scope:
-            await source(send)
-
-    async def _start_stages(self, nursery: trio.Nursery) -> trio.MemorySendChannel[Any]:
-        cfg, store, m = self.cfg, self.store, self.metrics
-        cap, lanes = cfg.pipeline.channel_capacity, cfg.pipeline.max_active_conversations
+    async def _start_stages(self, nursery: trio.Nursery) -> Inlets:
+        cfg, m = self.cfg, self.metrics
+        cap = cfg.pipeline.channel_capacity
 
         def channel() -> tuple[trio.MemorySendChannel[Any], trio.MemoryReceiveChannel[Any]]:
             return trio.open_memory_channel[Any](cap)
 
-        done_send, done_recv = trio.open_memory_channel[Outcome](cap)
-        await nursery.start(collect_outcomes, done_recv, self.sink)
-        directory = InstanceDirectory(cfg.instance_by_phone_number_id,
-                                      cfg.instance_by_evolution_name)
-        raw_send, raw_recv = channel()
-        stored_send, stored_recv = channel()
-        fresh_send, fresh_recv = channel()
-        turns_send, turns_recv = channel()
-        ctx_send, ctx_recv = channel()
-        dec_send, dec_recv = channel()
-        rep_send, rep_recv = channel()
-        intake = Intake(store, directory, done_send.clone())
-        await nursery.start(_closing, intake.done, batch_stage, intake, raw_recv, stored_send,
+        (done, done_r), (raw, raw_r), (stored, stored_r) = channel(), channel(), channel()
+        (fresh, fresh_r), (turns, turns_r) = channel(), channel()
+        await nursery.start(collect_outcomes, done_r, self.sink)
+        intake = Intake(self.store, instance_directory(cfg), done.clone())
+        await nursery.start(_closing, intake.done, batch_stage, intake, raw_r, stored.clone(),
                             m.stage("intake"), {"max_batch": cap})
-        dedupe = Dedupe(TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s)), store,
-                        done_send.clone())
-        await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_recv,
-                            fresh_send, m.stage("dedupe"), {})
-        buffer = burst_buffer(cfg)
-        await nursery.start(_assemble, fresh_recv, turns_send, buffer, m, self.wall_clock)
-        gate = ConversationGate()
+        texts = TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s))
+        dedupe = Dedupe(texts, self.store, done.clone())
+        await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_r, fresh,
+                            m.stage("dedupe"), {})
+        await nursery.start(_assemble, fresh_r, turns, burst_buffer(cfg), m, self.wall_clock)
+        await self._start_turn_stages(nursery, turns_r, done.clone())
+        return Inlets(raw, stored, done, self.stopping)
+
+    async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any) -> None:
+        """context → escalation → respond → dispatch: per-conversation lanes."""
+        cfg, store, m, gate = self.cfg, self.store, self.metrics, self.gate
+        cap = cfg.pipeline.channel_capacity
 
         async def drop_turn(turn: Turn, exc: Exception) -> list[Any]:
             gate.leave(turn.key)
@@ -139,20 +159,33 @@ class Pipeline:
             m.counters["failed turns"] += 1
             return []
 
-        keyed = {"max_active": lanes, "lane_capacity": cap, "on_error": drop_turn}
-        context = LoadContext(store, gate, cfg.context.history_chars,
-                              cfg.context.recent_interactions)
-        await nursery.start(_call, keyed_stage, context, turns_recv, ctx_send,
-                            m.stage("context"), keyed)
-        await nursery.start(_call, keyed_stage, Escalation(escalation_rules(cfg)), ctx_recv,
-                            dec_send, m.stage("escalation"), keyed)
-        await nursery.start(_call, keyed_stage, Respond(responders(cfg)), dec_recv, rep_send,
-                            m.stage("respond"), keyed)
+        keyed = {"max_active": cfg.pipeline.max_active_conversations, "lane_capacity": cap,
+                 "on_error": drop_turn}
         handover = {i.name: cfg.escalation.handover_message for i in cfg.instances}
+        handlers = [
+            ("context", LoadContext(store, gate, cfg.context.history_chars,
+                                    cfg.context.recent_interactions)),
+            ("escalation", Escalation(escalation_rules(cfg))),
+            ("respond", Respond(responders(cfg))),
+        ]
+        recv = turns
+        for name, handler in handlers:
+            send, next_recv = trio.open_memory_channel[Any](cap)
+            await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed)
+            recv = next_recv
         dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport)
-        await nursery.start(_call, keyed_stage, dispatch, rep_recv, done_send,
-                            m.stage("dispatch"), keyed)
-        return raw_send
+        await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed)
+
+
+def instance_directory(cfg: Config) -> InstanceDirectory:
+    return InstanceDirectory(cfg.instance_by_phone_number_id, cfg.instance_by_evolution_name)
+
+
+async def _run_source(source: Source, inlets: Inlets) -> None:
+    try:
+        await source(inlets)
+    finally:
+        inlets.close()
 
 
 async def _assemble(recv: Any, send: Any, buffer: BurstBuffer, metrics: Metrics,

@@ -28,6 +28,11 @@ def _utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
+def utcnow() -> dt.datetime:
+    """The wall clock, in UTC: the live source's ``received_at`` and the burst buffer's now."""
+    return dt.datetime.now(dt.UTC)
+
+
 def _nonempty(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not value:
         raise ValueError(f"{attribute.name} must not be empty")

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TextIO
 
 import attrs
-import trio
 
 from pipeline.config import Config
 from pipeline.database import DEFAULT_DBNAME, fresh_dbname, open_store
-from pipeline.engine import Pipeline
+from pipeline.engine import Inlets, Pipeline
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogError, merge_logs
 from pipeline.records import Invalid, RawEvent
@@ -49,11 +48,13 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     sink = OutcomeSink(out)
     count = 0
 
-    async def source(send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
+    async def source(inlets: Inlets) -> None:
         nonlocal count
         for item in merge_logs(logs):
+            if inlets.stopping.is_set():
+                return
             count += 1
-            await send.send(_as_event(item))
+            await inlets.raw.send(_as_event(item))
 
     dbname = fresh_dbname() if fresh and not cfg.database.dsn else DEFAULT_DBNAME
     async with open_store(cfg.database, dbname=dbname, fresh=fresh,

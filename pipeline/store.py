@@ -9,6 +9,7 @@ another), runs under ``query_timeout_s`` and translates psycopg errors into
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,6 +56,18 @@ def message_json(msg: InboundMessage) -> dict[str, Any]:
         "sender_name": msg.sender_name, "media_id": msg.media_id, "reply_to": msg.reply_to,
         "origin": msg.origin,
     }
+
+
+def message_from_json(data: dict[str, Any]) -> InboundMessage:
+    """Rebuild a message from its inbox copy (see :func:`message_json`)."""
+    return InboundMessage(
+        instance=data["instance"], message_id=data["message_id"], sender=data["sender"],
+        kind=data["kind"], text=data["text"],
+        sent_at=dt.datetime.fromisoformat(data["sent_at"]),
+        received_at=dt.datetime.fromisoformat(data["received_at"]), format=data["format"],
+        sender_name=data.get("sender_name"), media_id=data.get("media_id"),
+        reply_to=data.get("reply_to"), origin=data.get("origin", "inbox"),
+    )
 
 
 class Store:
@@ -133,6 +146,19 @@ class Store:
             not (first[(m.instance, m.message_id)] == i and (m.instance, m.message_id) in inserted)
             for i, m in enumerate(messages)
         ]
+
+    async def pending(self, after: tuple[dt.datetime, int] | None,
+                      limit: int) -> list[tuple[tuple[dt.datetime, int], InboundMessage]]:
+        """Inbox rows not processed yet, oldest first, after the cursor ``after``: what a
+        restart must still handle."""
+        rows = await self._all(
+            "SELECT received_at, id, message FROM inbox WHERE status = 'pending'"
+            " AND (%s::timestamptz IS NULL OR (received_at, id) > (%s::timestamptz, %s::bigint))"
+            " ORDER BY received_at, id LIMIT %s",
+            (after[0] if after else None, after[0] if after else None,
+             after[1] if after else None, limit),
+        )
+        return [((r[0], r[1]), message_from_json(r[2])) for r in rows]
 
     async def dead_letter(self, stage: str, invalid: Invalid, raw: str | None = None) -> None:
         await self._all(

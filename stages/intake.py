@@ -56,3 +56,44 @@ class Intake:
             raw = json.dumps(event.body) if isinstance(event, RawEvent) else None
             await self.store.dead_letter("intake", item, raw)
         await self.done.send(finished(item))
+
+
+@attrs.frozen
+class Accepted:
+    """What one live webhook body turned into, once its messages are in the inbox."""
+
+    stored: tuple[Stored, ...]
+    finished: tuple[Outcome, ...]  # ignored and invalid parts
+    invalid: tuple[Invalid, ...]
+
+    @property
+    def all_invalid(self) -> bool:
+        return bool(self.invalid) and not self.stored and len(self.invalid) == len(self.finished)
+
+
+def redact_body(body: object) -> object:
+    """The body with Evolution's ``apikey`` field masked: recordings and dead letters keep
+    everything else exactly as received, but never a credential."""
+    if isinstance(body, dict) and "apikey" in body:
+        return {**body, "apikey": "***"}
+    return body
+
+
+@attrs.define
+class LiveIntake:
+    """Intake for the webhook server: parse one body and store its messages *before* the
+    request is acknowledged. Store errors propagate (the server answers 503)."""
+
+    store: Store
+    directory: InstanceDirectory
+
+    async def accept(self, event: RawEvent) -> Accepted:
+        parsed = parse_event(event, self.directory)
+        messages = [p for p in parsed if isinstance(p, InboundMessage)]
+        invalid = tuple(p for p in parsed if isinstance(p, Invalid))
+        finished_parts = tuple(finished(p) for p in parsed if not isinstance(p, InboundMessage))
+        redelivered = await self.store.store_inbound(messages) if messages else []
+        for item in invalid:
+            await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
+        stored = tuple(Stored(m, r) for m, r in zip(messages, redelivered, strict=True))
+        return Accepted(stored, finished_parts, invalid)

@@ -14,7 +14,7 @@ from conftest import sql
 
 from pipeline.cli import sample_log
 from pipeline.config import Config, parse_config
-from pipeline.engine import Pipeline
+from pipeline.engine import Inlets, Pipeline
 from pipeline.recorded_log import LogError, merge_logs
 from pipeline.records import Invalid, RawEvent
 from pipeline.shutdown import Shutdown
@@ -38,12 +38,14 @@ def make_config(**pipeline: Any) -> Config:
 
 
 def log_source(path: Path) -> Any:
-    async def source(send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
+    async def source(inlets: Inlets) -> None:
         for item in merge_logs([path]):
+            if inlets.stopping.is_set():
+                return
             if isinstance(item, LogError):
-                await send.send(Invalid(item.reason, where=f"{item.path}:{item.line}"))
+                await inlets.raw.send(Invalid(item.reason, where=f"{item.path}:{item.line}"))
             else:
-                await send.send(item)
+                await inlets.raw.send(item)
     return source
 
 
@@ -110,14 +112,16 @@ async def test_graceful_shutdown_drains_what_was_accepted(store: Store, conninfo
     fed = 0
     half = trio.Event()
 
-    async def endless(send: trio.MemorySendChannel[RawEvent | Invalid]) -> None:
+    async def endless(inlets: Inlets) -> None:
         nonlocal fed
         for event in events:
-            await send.send(event)
+            if inlets.stopping.is_set():
+                return
+            await inlets.raw.send(event)
             fed += 1
             if fed == len(events) // 2:
                 half.set()
-        await trio.sleep_forever()  # a live source: only a shutdown ends it
+        await inlets.stopping.wait()  # a live source: only a shutdown ends it
 
     sink = OutcomeSink()
     pipeline = Pipeline(make_config(), store, sink)

@@ -1,0 +1,244 @@
+"""The live source: an ASGI app for both webhook formats, served by hypercorn on Trio.
+
+Routes:
+
+* ``GET  /webhook/cloud-api`` -- Meta's verification handshake (``hub.challenge`` or 403)
+* ``POST /webhook/cloud-api`` -- Cloud API bodies, ``X-Hub-Signature-256`` checked first
+* ``POST /webhook/evolution`` (and ``/webhook/evolution/<event>``) -- Evolution events,
+  ``apikey`` checked first (header, or the body's own ``apikey`` field)
+* ``GET  /healthz``
+
+Order of checks for a POST: size (413) → credentials (401) → JSON (400 + dead letter) →
+parse (400 + dead letter when nothing in the body is usable) → inbox write (503 with
+Retry-After when it cannot be done) → 200. A 200 therefore always means "stored"; a
+redelivery is stored already and answered 200 at once. Stored messages are then handed to
+the pipeline; a full pipeline slows the acknowledgement (backpressure), it never drops.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+from loguru import logger
+
+from pipeline.config import WebhookConfig
+from pipeline.db import DatabaseError
+from pipeline.metrics import StageMetrics
+from pipeline.recorded_log import LogRecorder
+from pipeline.records import Format, Invalid, RawEvent
+from stages.intake import Accepted, LiveIntake, redact_body
+from stages.parse import BodyError, decode_body
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+RETRY_AFTER_S = 5
+_KEPT_HEADERS = ("content-type", "user-agent", "x-hub-signature-256")
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: dict[str, Any] | str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def cloud_signature_ok(raw: bytes, header: str | None, app_secret: str) -> bool:
+    """``X-Hub-Signature-256: sha256=<hex HMAC of the raw body>``, compared in constant time."""
+    if header is None:
+        return False
+    expected = "sha256=" + hmac.new(app_secret.encode(), raw, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.strip().encode())
+
+
+def apikey_ok(given: object, expected: str) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def verification(query: str, verify_token: str) -> Response:
+    """Meta's GET handshake: echo ``hub.challenge`` when mode and token match."""
+    args = {k: v[0] for k, v in parse_qs(query).items()}
+    token = args.get("hub.verify_token", "")
+    if (verify_token and args.get("hub.mode") == "subscribe"
+            and apikey_ok(token, verify_token) and "hub.challenge" in args):
+        return Response(200, args["hub.challenge"])
+    return Response(403, {"error": "verification failed: wrong hub.mode or hub.verify_token"})
+
+
+@attrs.define
+class WebhookApp:
+    """The ASGI application. ``handover`` receives what was accepted (into the pipeline)."""
+
+    cfg: WebhookConfig
+    intake: LiveIntake
+    handover: Callable[[Accepted], Awaitable[None]]
+    stats: StageMetrics
+    recorder: LogRecorder | None = None
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        start = time.perf_counter()
+        response = await self._route(scope, receive)
+        await _respond(send, response)
+        self.stats.latency.record((time.perf_counter() - start) * 1000)
+        self.stats.sent += 1
+        if response.status >= 400:
+            self.stats.errors += 1
+
+    async def _route(self, scope: Scope, receive: Receive) -> Response:
+        method, path = scope["method"], scope["path"].rstrip("/")
+        self.stats.received += 1
+        if path == "/healthz":
+            return Response(200, {"status": "ok"})
+        if path == "/webhook/cloud-api" and method == "GET":
+            return verification(scope.get("query_string", b"").decode("latin-1"),
+                                 self.cfg.verify_token)
+        fmt: Format | None = ("cloud-api" if path == "/webhook/cloud-api" else
+                              "evolution" if path.split("/")[1:3] == ["webhook", "evolution"]
+                              else None)
+        if fmt is None:
+            return Response(404, {"error": f"no such endpoint: {path}"})
+        if method != "POST":
+            return Response(405, {"error": f"{method} not allowed here: use POST"},
+                            (("allow", "POST"),))
+        return await self._post(fmt, scope, receive)
+
+    async def _post(self, fmt: Format, scope: Scope, receive: Receive) -> Response:
+        headers = _headers(scope)
+        try:
+            raw = await _read_body(receive, headers, self.cfg.max_body_bytes)
+        except _TooLarge:
+            return Response(413, {"error": f"body larger than {self.cfg.max_body_bytes} bytes"})
+        if fmt == "cloud-api" and self.cfg.app_secret and not cloud_signature_ok(
+                raw, headers.get("x-hub-signature-256"), self.cfg.app_secret):
+            return Response(401, {"error": "x-hub-signature-256 does not match the body"})
+        try:
+            body = decode_body(raw, self.cfg.max_json_depth)
+        except BodyError as exc:
+            await self._dead_letter(Invalid(exc.reason, format=fmt), raw)
+            return Response(400, {"error": exc.reason})
+        if fmt == "evolution" and self.cfg.evolution_apikey and not apikey_ok(
+                headers.get("apikey", body.get("apikey") if isinstance(body, dict) else None),
+                self.cfg.evolution_apikey):
+            return Response(401, {"error": "apikey is missing or wrong"})
+        event = RawEvent(self.clock(), fmt, body,
+                         {k: v for k, v in headers.items() if k in _KEPT_HEADERS})
+        return await self._accept(event)
+
+    async def _accept(self, event: RawEvent) -> Response:
+        try:
+            accepted = await self.intake.accept(event)
+        except DatabaseError as exc:
+            logger.bind(stage="webhook").warning("inbox unavailable, answering 503: {}", exc)
+            return Response(503, {"error": "inbox unavailable, retry later"},
+                            (("retry-after", str(RETRY_AFTER_S)),))
+        if self.recorder is not None:
+            self.recorder.write(attrs.evolve(event, body=redact_body(event.body)))
+        if accepted.all_invalid:
+            reasons = [f"{i.reason} (at {i.where})" if i.where else i.reason
+                       for i in accepted.invalid]
+            await self.handover(accepted)
+            return Response(400, {"error": "; ".join(reasons)})
+        await self.handover(accepted)
+        return Response(200, {
+            "stored": sum(not s.redelivered for s in accepted.stored),
+            "duplicates": sum(s.redelivered for s in accepted.stored),
+            "ignored": len(accepted.finished) - len(accepted.invalid),
+            "invalid": len(accepted.invalid),
+        })
+
+    async def _dead_letter(self, invalid: Invalid, raw: bytes) -> None:
+        try:
+            await self.intake.store.dead_letter("webhook", invalid,
+                                                raw[:65536].decode("utf-8", "replace"))
+        except DatabaseError as exc:
+            logger.bind(stage="webhook").warning("could not record a dead letter: {}", exc)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _respond(send: Send, response: Response) -> None:
+    if isinstance(response.body, str):
+        payload, ctype = response.body.encode(), "text/plain; charset=utf-8"
+    else:
+        payload, ctype = json.dumps(response.body).encode(), "application/json"
+    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode()),
+               *((k.encode(), v.encode()) for k, v in response.headers)]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def serve(app: WebhookApp, host: str, port: int, *, grace_s: float,
+                stopping: trio.Event,
+                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` until ``stopping`` is set, then finish in-flight requests (up to
+    ``grace_s``). ``task_status.started`` gets the bound URL (port 0 picks a free one)."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.graceful_timeout = grace_s
+    config.accesslog = None
+    config.errorlog = None
+    config.include_server_header = False
+
+    async def started(task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn_serve(cast(Any, app), config, shutdown_trigger=stopping.wait,
+                              task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(started)
+        url = binds[0]
+        logger.bind(stage="webhook").info("webhook server listening on {}", url)
+        task_status.started(url)
