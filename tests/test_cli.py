@@ -128,3 +128,36 @@ def test_json_logs_never_show_secrets(config_file: Path) -> None:
     assert records and all("record" in r for r in records)
     assert secret not in done.stderr + done.stdout
     assert "resolve-token-value" not in done.stderr + done.stdout
+
+
+def test_run_serves_webhooks_and_drains_on_sigterm(config_file: Path, tmp_path: Path) -> None:
+    import signal
+
+    import httpx
+
+    text = config_file.read_text().replace("port = 8080", "port = 0")
+    text = text.replace('record_dir = ""', f'record_dir = "{tmp_path / "rec"}"')
+    config_file.write_text(text)
+    out = tmp_path / "outcomes.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config",
+                             str(config_file), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), proc.stderr
+        url = line.split()[-1]
+        body = json.loads((Path(__file__).parent / "fixtures/cloud-api/01_text.json").read_text())
+        body["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = "wamid.cli-run"
+        r = httpx.post(f"{url}/webhook/cloud-api", json=body, timeout=10)
+        assert r.status_code == 200 and r.json()["stored"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "actions: replied=1" in stdout
+    [line] = out.read_text().splitlines()
+    assert json.loads(line)["message_id"] == "wamid.cli-run"
+    [log] = (tmp_path / "rec").iterdir()
+    replayed = run("replay", "--config", str(config_file), str(log))
+    assert replayed.returncode == 0 and "replied=1" in replayed.stdout

@@ -234,3 +234,49 @@ async def test_a_real_sigint_starts_the_graceful_shutdown() -> None:
             await stopped.wait()
         nursery.cancel_scope.cancel()
     assert shutdown.requests == 1
+
+
+class HangingStore(Store):
+    """The real store, except that one sender's context load never returns."""
+
+    def __init__(self, store: Store, sender: str) -> None:
+        super().__init__(store.pool, store.query_timeout_s)
+        self.sender = sender
+        self.release = trio.Event()
+
+    async def load_context(self, turn: Any, *args: Any) -> Any:
+        if turn.sender == self.sender:
+            await self.release.wait()
+        return await super().load_context(turn, *args)
+
+
+async def test_a_hanging_context_load_does_not_stall_a_hundred_conversations(
+    store: Store, conninfo: str,
+) -> None:
+    hanging = HangingStore(store, "sender-slow")
+    base = next(e for e in merge_logs([sample_log()]) if isinstance(e, RawEvent)
+                and e.format == "cloud-api")
+    events = []
+    for n, sender in enumerate(["sender-slow"] + [f"sender-{k}" for k in range(100)]):
+        body = json.loads(json.dumps(base.body))
+        message = body["entry"][0]["changes"][0]["value"]["messages"][0]
+        message["from"], message["id"] = sender, f"wamid.hol{n}"
+        events.append(RawEvent(base.received_at, "cloud-api", body))
+    sink = OutcomeSink()
+    pipeline = Pipeline(make_config(max_active_conversations=8), hanging, sink)
+
+    async def source(inlets: Inlets) -> None:
+        for event in events:
+            await inlets.raw.send(event)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pipeline.run, source)
+        with trio.fail_after(30):
+            while sink.total < 100:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        done = sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'processed'")
+        assert done == [(100,)]
+        assert sql(conninfo, "SELECT sender FROM inbox WHERE status = 'pending'") == [
+            ("sender-slow",)]
+        hanging.release.set()
+    assert sink.total == 101
