@@ -19,9 +19,11 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 import typing
+import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,7 @@ LoadName = Literal["conversation", "history", "webhook", "escalation", "interact
 LoadPolicy = Literal["required", "default"]
 ResponderKind = Literal["rules", "openai"]
 Transport = Literal["dry", "evolution", "cloud-api"]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 LOADS: tuple[LoadName, ...] = typing.get_args(LoadName)
 
 _SPEC = "pipeline.config.spec"
@@ -218,16 +221,42 @@ _KEYWORDS = ("human", "agent", "atendente", "humano", "pessoa", "falar com algue
 
 
 @attrs.frozen
+class BusinessHoursConfig:
+    """``[escalation.business_hours]``: when humans are there to take a conversation over."""
+
+    enabled: bool = setting(False, "outside these hours an escalation answers with "
+                            "out_of_hours_message instead of handing over")
+    timezone: str = setting("UTC", "IANA time zone of the hours below", nonempty=True)
+    days: tuple[Weekday, ...] = setting(("mon", "tue", "wed", "thu", "fri"), "open days")
+    open: str = setting("09:00", "opening time, HH:MM", nonempty=True)
+    close: str = setting("18:00", "closing time, HH:MM (after open)", nonempty=True)
+
+
+_REQUESTS = ("talk to a human", "speak to a human", "talk to a person", "real person",
+             "falar com um atendente", "falar com atendente", "falar com uma pessoa",
+             "hablar con un agente", "hablar con una persona", "hablar con un humano",
+             "التحدث مع موظف", "أريد التحدث مع شخص", "خدمة العملاء")
+
+
+@attrs.frozen
 class EscalationConfig:
     """``[escalation]``: when a turn goes to a human (instances may refine)."""
 
-    keywords: tuple[str, ...] = setting(_KEYWORDS, "a message containing one of these (any case) "
-                                        "asks for a human", nonempty=True)
-    max_failed_answers: int = setting(3, "this many fallback answers in a row escalate", ge=1)
+    keywords: tuple[str, ...] = setting(_KEYWORDS, "a message containing one of these words "
+                                        "(any case, accents or script) asks for a human",
+                                        nonempty=True)
+    request_phrases: tuple[str, ...] = setting(_REQUESTS, "explicit requests for a human, "
+                                               "matched like keywords", nonempty=True)
+    max_failed_answers: int = setting(3, "this many fallback answers in a row escalate "
+                                      "(the escalation threshold)", ge=1)
     min_confidence: float = setting(0.5, "an answer below this confidence counts as failed",
                                     ge=0, le=1)
     handover_message: str = setting("A human agent will continue this conversation shortly.",
                                     "sent to the user when the turn is escalated")
+    out_of_hours_message: str = setting(
+        "Our team is not available right now; we will get back to you in business hours.",
+        "sent instead of the hand-over outside business hours")
+    business_hours: BusinessHoursConfig = _section(BusinessHoursConfig, "business hours")
 
 
 @attrs.frozen
@@ -273,6 +302,9 @@ class DispatchConfig:
     backoff_initial_s: float = setting(1.0, "first pause between attempts", gt=0)
     backoff_max_s: float = setting(60.0, "longest pause (>= backoff_initial_s)", gt=0)
     timeout_s: float = setting(10.0, "time one send may take", gt=0)
+    concurrency: int = setting(16, "deliveries in flight at once (one per conversation)", ge=1)
+    poll_interval_s: float = setting(1.0, "how often the outbox is checked for rows due "
+                                     "(new rows wake the delivery task at once)", gt=0)
 
 
 def _name_of(instance: InstanceConfig) -> str:
@@ -290,6 +322,7 @@ class InstanceConfig:
     responder: str = setting("rules", "a responder of [responders]", nonempty=True)
     webhook_url: str = setting("", "customer webhook target; empty = none", prefixes=_URL)
     webhook_secret: str = setting("", "HMAC key of the customer webhook", secret=True)
+    escalation_enabled: bool = setting(True, "false: this instance never hands over")
     escalation_keywords: tuple[str, ...] = setting((), "added to [escalation] keywords",
                                                    nonempty=True)
     max_failed_answers: int = setting(0, "0 = the [escalation] value", ge=0)
@@ -567,7 +600,26 @@ def _duplicates(instances: Iterable[InstanceConfig], attr: str) -> Iterator[tupl
             seen[value] = i
 
 
+def _hours_checks(hours: BusinessHoursConfig) -> Iterator[tuple[_Loc, str]]:
+    loc = "[escalation.business_hours]"
+    try:
+        zoneinfo.ZoneInfo(hours.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        yield _Loc(loc, "timezone"), f"must be an IANA time zone such as 'UTC' or " \
+            f"'America/Sao_Paulo', not {hours.timezone!r}"
+    times = {}
+    for key in ("open", "close"):
+        value = getattr(hours, key)
+        if re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            times[key] = value
+        else:
+            yield _Loc(loc, key), f"must be a time as HH:MM (00:00 to 23:59), not {value!r}"
+    if len(times) == 2 and times["close"] <= times["open"]:
+        yield _Loc(loc, "close"), f"must be after open ({times['open']}), not {times['close']!r}"
+
+
 def _cross_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
+    yield from _hours_checks(cfg.escalation.business_hours)
     if not cfg.instances:
         yield _Loc("[[instances]]"), "is missing: at least one instance is needed"
     renamed: set[int] = set()  # an instance whose evolution_instance repeats a duplicate name
@@ -675,6 +727,16 @@ class Setting:
 def reference() -> list[Setting]:
     """Every key of the schema with its type, default and meaning, in file order."""
     return list(_describe(Config, "", ""))
+
+
+def reference_rows() -> list[str]:
+    """The Markdown rows of config/README.md's reference table (a test keeps them equal)."""
+    rows = []
+    for r in reference():
+        doc = "; ".join([r.doc, *(["**secret**"] if r.secret else []),
+                         *([f"env `{r.env}`"] if r.env else [])])
+        rows.append(f"| `{r.table}` | `{r.key}` | {r.type} | `{r.default}` | {doc} |")
+    return rows
 
 
 def _describe(cls: Any, table: str, prefix: str) -> Iterator[Setting]:

@@ -140,6 +140,7 @@ class Decision:
 
     verdict: Literal["reply", "escalate", "hold"]
     reason: str | None = None
+    out_of_hours: bool = False  # escalate, but tell the user when humans are back
 
 
 @attrs.frozen

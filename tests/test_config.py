@@ -27,6 +27,7 @@ from pipeline.config import (
     parse_config,
     redacted,
     reference,
+    reference_rows,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,12 @@ def test_example_has_every_key_and_readme_documents_every_key() -> None:
         assert f"| `{row.table}` | `{row.key}` |" in readme, (row.table, row.key)
         if row.env:
             assert f"`{row.env}`" in readme
+
+
+def test_readme_table_is_the_generated_reference() -> None:
+    readme = README.read_text("utf-8").splitlines()
+    rows = [line for line in readme if line.startswith("| `[")]
+    assert rows == reference_rows(), "regenerate config/README.md from reference_rows()"
 
 
 def test_reference_defaults_are_the_class_defaults() -> None:
