@@ -18,11 +18,12 @@ from loguru import logger
 
 from pipeline.config import Config
 from pipeline.gate import ConversationGate
+from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
 from pipeline.records import Invalid, Outcome, RawEvent, Stored, Turn
 from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
 from pipeline.store import InstanceRow, Store
-from stages.context import LoadContext
+from stages.context import ContextBatcher, ContextLoader, LoadContext
 from stages.dedupe import Dedupe, TextDeduper
 from stages.dispatch import Dispatch
 from stages.escalation import Escalation, EscalationRules
@@ -109,6 +110,7 @@ class Pipeline:
     wall_clock: Callable[[], dt.datetime] | None = None
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     gate: ConversationGate = attrs.field(factory=ConversationGate, init=False)
+    loader: ContextLoader | None = attrs.field(default=None, init=False)
 
     def stop_sources(self) -> None:
         """Ask every source to stop reading; what they already handed over is finished."""
@@ -162,19 +164,28 @@ class Pipeline:
         keyed = {"max_active": cfg.pipeline.max_active_conversations, "lane_capacity": cap,
                  "on_error": drop_turn}
         handover = {i.name: cfg.escalation.handover_message for i in cfg.instances}
+        instances = InstanceCache(store, cfg.context.instance_cache_ttl_s)
+        await nursery.start(instances.run)
+        loader = self.loader = ContextLoader(store, cfg.context, instances, m)
+        if cfg.context.mode == "batched":
+            loader.batcher = ContextBatcher(store, cfg.context,
+                                            concurrency=max(1, cfg.database.pool_size // 2))
+            await nursery.start(loader.batcher.run)
         handlers = [
-            ("context", LoadContext(store, gate, cfg.context.history_chars,
-                                    cfg.context.recent_interactions)),
+            ("context", LoadContext(loader, gate)),
             ("escalation", Escalation(escalation_rules(cfg))),
             ("respond", Respond(responders(cfg))),
         ]
         recv = turns
         for name, handler in handlers:
             send, next_recv = trio.open_memory_channel[Any](cap)
-            await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed)
+            then = loader.batcher.close if name == "context" and loader.batcher else None
+            await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
+                                then)
             recv = next_recv
         dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport)
-        await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed)
+        await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
+                            instances.close)
 
 
 def instance_directory(cfg: Config) -> InstanceDirectory:
@@ -195,8 +206,14 @@ async def _assemble(recv: Any, send: Any, buffer: BurstBuffer, metrics: Metrics,
 
 
 async def _call(runner: Any, handler: Any, recv: Any, send: Any, stats: Any,
-                kwargs: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
-    await runner(handler, recv, send, stats, task_status=task_status, **kwargs)
+                kwargs: dict[str, Any], then: Callable[[], None] | None,
+                task_status: trio.TaskStatus[None]) -> None:
+    """Run a stage; ``then`` (e.g. closing a helper service) runs when it has ended."""
+    try:
+        await runner(handler, recv, send, stats, task_status=task_status, **kwargs)
+    finally:
+        if then is not None:
+            then()
 
 
 async def _closing(extra: trio.MemorySendChannel[Any], runner: Any, handler: Any, recv: Any,

@@ -131,7 +131,7 @@ class TurnContext:
     webhook_url: str = ""
     escalated: bool = False
     recent_fallbacks: tuple[bool, ...] = ()
-    degraded: tuple[str, ...] = ()
+    degraded: tuple[tuple[str, str], ...] = ()  # (load, why) for loads that used a default
 
 
 @attrs.frozen
@@ -197,6 +197,7 @@ class Outcome:
     reply: str | None = None
     origin: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()
+    degraded: tuple[tuple[str, str], ...] = ()
 
     def timed(self, stage: str, ms: float) -> Outcome:
         return attrs.evolve(self, timings_ms=(*self.timings_ms, (stage, round(ms, 3))))
@@ -207,4 +208,5 @@ class Outcome:
             "conversation_id": self.conversation_id, "turn_id": self.turn_id,
             "action": self.action, "reason": self.reason, "reply": self.reply,
             "timings_ms": dict(self.timings_ms),
+            **({"degraded": dict(self.degraded)} if self.degraded else {}),
         }

@@ -70,6 +70,26 @@ def message_from_json(data: dict[str, Any]) -> InboundMessage:
     )
 
 
+def _sender_name(turn: Turn) -> str | None:
+    return next((m.sender_name for m in reversed(turn.messages) if m.sender_name), None)
+
+
+def _turn_params(turn: Turn) -> dict[str, Any]:
+    return {
+        "instance": turn.instance, "sender": turn.sender, "name": _sender_name(turn),
+        "at": turn.messages[-1].received_at, "turn": turn.turn_id,
+        "ids": [m.message_id for m in turn.messages], "kinds": [m.kind for m in turn.messages],
+        "bodies": [m.text for m in turn.messages], "sent": [m.sent_at for m in turn.messages],
+    }
+
+
+def _context(conv_id: int, history: str | None, webhook_url: str | None, escalated: bool,
+             fallbacks: list[bool] | None) -> TurnContext:
+    return TurnContext(conversation_id=conv_id, history=history or "",
+                       webhook_url=webhook_url or "", escalated=bool(escalated),
+                       recent_fallbacks=tuple(fallbacks or ()))
+
+
 class Store:
     """Small async API over a :class:`Pool`; see the module docstring."""
 
@@ -79,21 +99,22 @@ class Store:
         self.round_trips = 0
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _conn(self, timeout: float | None = None
+                    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        limit = self.query_timeout_s if timeout is None else timeout
         try:
-            with trio.fail_after(self.query_timeout_s):
+            with trio.fail_after(limit):
                 async with self.pool.connection() as conn:
                     self.round_trips += 1
                     yield conn
         except trio.TooSlowError:
-            raise QueryTimeout(
-                f"database did not answer within {self.query_timeout_s} s"
-            ) from None
+            raise QueryTimeout(f"database did not answer within {limit} s") from None
         except psycopg.Error as exc:
             raise translate(exc) from exc
 
-    async def _all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        async with self._conn() as conn:
+    async def _all(self, sql: str, params: Any = None,
+                   timeout: float | None = None) -> list[tuple[Any, ...]]:
+        async with self._conn(timeout) as conn:
             cur = await conn.execute(sql, params)
             return await cur.fetchall() if cur.description else []
 
@@ -112,6 +133,11 @@ class Store:
             ([r.name for r in rows], [r.phone_number_id for r in rows],
              [r.evolution_instance for r in rows], [Jsonb(r.settings) for r in rows]),
         )
+
+    async def load_instances(self) -> list[InstanceRow]:
+        rows = await self._all("SELECT name, coalesce(phone_number_id, ''),"
+                               " coalesce(evolution_instance, ''), settings FROM instances")
+        return [InstanceRow(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def store_inbound(self, messages: Sequence[InboundMessage]) -> list[bool]:
         """Write messages to the inbox; return for each whether it was a redelivery.
@@ -178,8 +204,8 @@ class Store:
             (action, reason, [k[0] for k in keys], [k[1] for k in keys]),
         )
 
-    async def load_context(self, turn: Turn, history_chars: int,
-                           recent_interactions: int) -> TurnContext:
+    async def load_context(self, turn: Turn, history_chars: int, recent_interactions: int,
+                           timeout: float | None = None) -> TurnContext:
         """Find or create the conversation, load its context and store the user messages.
 
         One statement: the conversation upsert, the four independent reads (history, webhook
@@ -187,22 +213,71 @@ class Store:
         messages. The reads see the snapshot taken before the insert, so the history never
         contains the turn itself.
         """
-        last = turn.messages[-1]
         rows = await self._all(_LOAD_CONTEXT, {
-            "instance": turn.instance, "sender": turn.sender,
-            "name": next((m.sender_name for m in reversed(turn.messages) if m.sender_name), None),
-            "at": last.received_at, "chars": history_chars, "n": recent_interactions,
-            "turn": turn.turn_id, "ids": [m.message_id for m in turn.messages],
-            "kinds": [m.kind for m in turn.messages], "bodies": [m.text for m in turn.messages],
-            "sent": [m.sent_at for m in turn.messages],
-        })
+            **_turn_params(turn), "chars": history_chars, "n": recent_interactions,
+        }, timeout)
         if not rows:
             raise DatabaseError(f"conversation of {turn.instance}/{turn.sender} not found")
-        conv_id, history, webhook_url, escalated, fallbacks = rows[0]
-        return TurnContext(
-            conversation_id=conv_id, history=history or "", webhook_url=webhook_url or "",
-            escalated=bool(escalated), recent_fallbacks=tuple(fallbacks or ()),
-        )
+        return _context(*rows[0])
+
+    # --- the context loads one by one (modes sequential and parallel) ----------------------
+
+    async def upsert_conversation(self, turn: Turn, timeout: float | None = None) -> int:
+        """Find or create the open conversation of the turn, in one statement (no race
+        between two workers: the partial unique index decides)."""
+        rows = await self._all(_UPSERT_CONVERSATION, _turn_params(turn), timeout)
+        return int(rows[0][0])
+
+    async def load_history(self, conversation_id: int, turn_id: str, chars: int,
+                           timeout: float | None = None) -> str:
+        rows = await self._all(_HISTORY, {"conv": conversation_id, "turn": turn_id,
+                                          "chars": chars}, timeout)
+        return str(rows[0][0] or "")
+
+    async def load_webhook(self, instance: str, timeout: float | None = None) -> str:
+        rows = await self._all("SELECT settings ->> 'webhook_url' FROM instances WHERE name = %s",
+                               (instance,), timeout)
+        return str(rows[0][0] or "") if rows else ""
+
+    async def load_escalated(self, conversation_id: int, timeout: float | None = None) -> bool:
+        rows = await self._all("SELECT EXISTS (SELECT 1 FROM escalations WHERE"
+                               " conversation_id = %s AND status = 'open')",
+                               (conversation_id,), timeout)
+        return bool(rows[0][0])
+
+    async def load_fallbacks(self, conversation_id: int, turn_id: str, n: int,
+                             timeout: float | None = None) -> tuple[bool, ...]:
+        rows = await self._all(_FALLBACKS, {"conv": conversation_id, "turn": turn_id, "n": n},
+                               timeout)
+        return tuple(rows[0][0] or ())
+
+    async def store_user_messages(self, conversation_id: int, turn: Turn,
+                                  timeout: float | None = None) -> None:
+        await self._all(_STORE_MESSAGES, {"conv": conversation_id, **_turn_params(turn)},
+                        timeout)
+
+    async def load_contexts(self, turns: Sequence[Turn], history_chars: int,
+                            recent_interactions: int,
+                            timeout: float | None = None) -> list[TurnContext]:
+        """:meth:`load_context` for many turns of *different* conversations in one
+        statement (mode ``batched``); results in the order of ``turns``."""
+        messages = [(t, m) for t in turns for m in t.messages]
+        rows = await self._all(_LOAD_CONTEXTS, {
+            "instances": [t.instance for t in turns], "senders": [t.sender for t in turns],
+            "names": [_sender_name(t) for t in turns],
+            "ats": [t.messages[-1].received_at for t in turns],
+            "turns": [t.turn_id for t in turns],
+            "m_turns": [t.turn_id for t, _ in messages],
+            "m_ids": [m.message_id for _, m in messages],
+            "m_kinds": [m.kind for _, m in messages], "m_bodies": [m.text for _, m in messages],
+            "m_sent": [m.sent_at for _, m in messages],
+            "chars": history_chars, "n": recent_interactions,
+        }, timeout)
+        by_ord = {int(r[0]): r[1:] for r in rows}
+        if len(by_ord) != len(turns):
+            raise DatabaseError(f"batched context load returned {len(by_ord)} rows for "
+                                f"{len(turns)} turns")
+        return [_context(*by_ord[i + 1]) for i in range(len(turns))]
 
     async def commit_turn(self, fx: TurnEffects) -> None:
         """Write the turn's effects and close its inbox rows, atomically and idempotently."""
@@ -227,34 +302,88 @@ class Store:
         })
 
 
-_LOAD_CONTEXT = """
-WITH conv AS (
-    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-    VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)
+_CONVERSATION_UPSERT_BODY = """
     ON CONFLICT (instance, sender) WHERE status = 'open'
     DO UPDATE SET last_message_at = greatest(conversations.last_message_at,
                                              EXCLUDED.last_message_at),
                   sender_name = coalesce(EXCLUDED.sender_name, conversations.sender_name)
-    RETURNING id
+    RETURNING id"""
+
+_UPSERT_CONVERSATION = """
+INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)""" + _CONVERSATION_UPSERT_BODY
+
+# history: the last `chars` characters of the conversation before this turn
+_HISTORY_OF = """
+    (SELECT right(string_agg(h.role || ': ' || h.body, E'\n' ORDER BY h.id), %(chars)s)
+       FROM (SELECT id, role, body FROM messages
+              WHERE conversation_id = {conv} AND turn_id IS DISTINCT FROM {turn}
+              ORDER BY id DESC LIMIT 50) h)"""
+
+_FALLBACKS_OF = """
+    (SELECT array_agg(a.fallback ORDER BY a.id DESC)
+       FROM (SELECT id, fallback FROM ai_interactions
+              WHERE conversation_id = {conv} AND turn_id <> {turn}
+              ORDER BY id DESC LIMIT %(n)s) a)"""
+
+_ESCALATED_OF = """
+    EXISTS (SELECT 1 FROM escalations e WHERE e.conversation_id = {conv} AND e.status = 'open')"""
+
+_HISTORY = "SELECT" + _HISTORY_OF.format(conv="%(conv)s", turn="%(turn)s")
+_FALLBACKS = "SELECT" + _FALLBACKS_OF.format(conv="%(conv)s", turn="%(turn)s")
+
+_STORE_MESSAGES = """
+INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id, sent_at)
+SELECT %(conv)s, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
+FROM unnest(%(ids)s::text[], %(kinds)s::text[], %(bodies)s::text[], %(sent)s::timestamptz[])
+     AS t(id, kind, body, sent)
+ON CONFLICT (instance, message_id) DO NOTHING"""
+
+# mode single: everything in one statement. The reads see the snapshot taken before the
+# inserts, so the history never contains the turn itself.
+_LOAD_CONTEXT = """
+WITH conv AS (
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+    VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)""" + _CONVERSATION_UPSERT_BODY + """
 ), stored AS (
-    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id, sent_at)
+    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
+                          sent_at)
     SELECT conv.id, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
     FROM conv, unnest(%(ids)s::text[], %(kinds)s::text[], %(bodies)s::text[],
                       %(sent)s::timestamptz[]) AS t(id, kind, body, sent)
     ON CONFLICT (instance, message_id) DO NOTHING
 )
-SELECT conv.id,
-    (SELECT right(string_agg(h.role || ': ' || h.body, E'\n' ORDER BY h.id), %(chars)s)
-       FROM (SELECT id, role, body FROM messages
-              WHERE conversation_id = conv.id AND turn_id IS DISTINCT FROM %(turn)s
-              ORDER BY id DESC LIMIT 50) h),
-    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)s),
-    EXISTS (SELECT 1 FROM escalations e WHERE e.conversation_id = conv.id AND e.status = 'open'),
-    (SELECT array_agg(a.fallback ORDER BY a.id DESC)
-       FROM (SELECT id, fallback FROM ai_interactions
-              WHERE conversation_id = conv.id AND turn_id <> %(turn)s
-              ORDER BY id DESC LIMIT %(n)s) a)
-FROM conv
+SELECT conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="%(turn)s") + """,
+    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)s),""" \
+    + _ESCALATED_OF.format(conv="conv.id") + "," \
+    + _FALLBACKS_OF.format(conv="conv.id", turn="%(turn)s") + """
+FROM conv"""
+
+# mode batched: the same for many turns (one per conversation) in one statement
+_LOAD_CONTEXTS = """
+WITH input AS (
+    SELECT * FROM unnest(%(instances)s::text[], %(senders)s::text[], %(names)s::text[],
+                         %(ats)s::timestamptz[], %(turns)s::text[])
+             WITH ORDINALITY AS t(instance, sender, name, at, turn, ord)
+), conv AS (
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+    SELECT instance, sender, name, at FROM input ORDER BY ord""" + _CONVERSATION_UPSERT_BODY \
+    + """, instance, sender
+), stored AS (
+    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
+                          sent_at)
+    SELECT conv.id, input.instance, m.id, 'user', m.kind, m.body, m.turn, m.sent
+    FROM unnest(%(m_turns)s::text[], %(m_ids)s::text[], %(m_kinds)s::text[],
+                %(m_bodies)s::text[], %(m_sent)s::timestamptz[]) AS m(turn, id, kind, body, sent)
+    JOIN input ON input.turn = m.turn
+    JOIN conv ON conv.instance = input.instance AND conv.sender = input.sender
+    ON CONFLICT (instance, message_id) DO NOTHING
+)
+SELECT input.ord, conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="input.turn") + """,
+    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = input.instance),""" \
+    + _ESCALATED_OF.format(conv="conv.id") + "," \
+    + _FALLBACKS_OF.format(conv="conv.id", turn="input.turn") + """
+FROM input JOIN conv ON conv.instance = input.instance AND conv.sender = input.sender
 """
 
 _COMMIT_TURN = """

@@ -1,28 +1,209 @@
-"""Context: the conversation and everything a decision needs, in one round trip.
+"""Context: the conversation and everything a decision needs, loaded four ways.
 
-The conversation is found or created, the independent loads (history, webhook config,
-escalation state, recent AI interactions) run and the turn's messages are stored -- all in
-one statement (:meth:`pipeline.store.Store.load_context`). The other ``context.mode`` s of the
-source documents (sequential, parallel, batched) are not built yet.
+Dependencies stay ordered -- instance (from a cache, :mod:`pipeline.instances`) →
+conversation → the user's messages stored only after the duplicate check (done upstream) --
+and the independent loads (history, webhook config,
+escalation state, recent AI interactions) run as ``context.mode`` says:
+
+``sequential``  one query after another: the source documents' "before", kept as baseline
+``parallel``    the loads fanned out over pooled connections: what the source documents did
+``single``      one statement for the whole context: one round trip per turn
+``batched``     turns ready together across conversations share one statement: fewer than
+                one round trip per turn under load (``batch_size``, ``batch_delay_ms``)
+
+Every load has a timeout and a policy (``[context.loads.<name>]``): ``required`` fails the
+turn (it stays pending in the inbox and is retried at the next start); ``default`` goes on
+with a safe default and records which load degraded and why. ``single`` and ``batched`` run
+all loads in one statement, so when that statement fails the turn is redone load by load
+(``parallel``) to apply each policy exactly. No turn ever holds a pooled connection while
+it waits for another one: each query borrows one connection and gives it back.
 """
 
 from __future__ import annotations
 
-import attrs
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import attrs
+import trio
+from loguru import logger
+
+from pipeline.concurrency import Failure, Settled, batches, settle
+from pipeline.config import ContextConfig, LoadConfig
+from pipeline.db import DatabaseError
 from pipeline.gate import ConversationGate
-from pipeline.records import Turn
+from pipeline.instances import InstanceCache
+from pipeline.metrics import Metrics
+from pipeline.records import Turn, TurnContext
 from pipeline.store import Store
+
+#: what a load that may degrade falls back to
+DEFAULTS: dict[str, Any] = {"history": "", "webhook": "", "escalation": False,
+                            "interactions": ()}
+
+
+class ContextFailed(Exception):
+    """A required load failed; the turn cannot go on."""
+
+
+def _seconds(load: LoadConfig) -> float:
+    return load.timeout_ms / 1000
+
+
+@attrs.define
+class ContextLoader:
+    """Loads a turn's context in the configured mode (the stage calls :meth:`load`)."""
+
+    store: Store
+    cfg: ContextConfig
+    instances: InstanceCache
+    metrics: Metrics | None = None
+    batcher: ContextBatcher | None = None
+
+    async def load(self, turn: Turn) -> TurnContext:
+        if self.instances.get(turn.instance) is None:  # the cache: no round trip
+            raise ContextFailed(f"instance {turn.instance!r} is not in the instances table")
+        mode = self.cfg.mode
+        if mode == "sequential":
+            return await self.by_load(turn, together=False)
+        if mode == "parallel":
+            return await self.by_load(turn, together=True)
+        try:
+            if mode == "batched":
+                assert self.batcher is not None, "mode batched needs a running ContextBatcher"
+                return await self.batcher.load(turn)
+            return await self.store.load_context(turn, self.cfg.history_chars,
+                                                 self.cfg.recent_interactions,
+                                                 self._statement_timeout())
+        except DatabaseError as exc:
+            logger.bind(stage="context").warning(
+                "one-statement context load of {} failed ({}); loading query by query",
+                turn.turn_id, exc)
+            return await self.by_load(turn, together=True)
+
+    def _statement_timeout(self) -> float:
+        loads = self.cfg.loads
+        return max(_seconds(load) for load in loads.values())
+
+    async def by_load(self, turn: Turn, *, together: bool) -> TurnContext:
+        """The loads as separate queries, one after another or fanned out."""
+        loads = self.cfg.loads
+        conv_id = await self._required(
+            "conversation", lambda: self.store.upsert_conversation(
+                turn, _seconds(loads["conversation"])))
+        ops = self._reads(turn, conv_id)
+        timeouts = {name: _seconds(loads[name]) for name in ops}  # type: ignore[index]
+        store_messages = self.store.store_user_messages
+        if together:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store_messages, conv_id, turn)
+                settled = await settle(ops, DEFAULTS, timeouts=timeouts,
+                                       catch=(DatabaseError,), metrics=self.metrics)
+        else:
+            await store_messages(conv_id, turn)
+            values: dict[str, Any] = {}
+            failures: list[Failure] = []
+            for name, op in ops.items():
+                one = await settle({name: op}, DEFAULTS, timeouts=timeouts,
+                                   catch=(DatabaseError,), metrics=self.metrics)
+                values.update(one.values)
+                failures.extend(one.failures)
+            settled = Settled(values, tuple(failures))
+        for failure in settled.failures:
+            if loads[failure.name].policy == "required":  # type: ignore[index]
+                raise ContextFailed(f"required load {failure.name} failed: {failure.reason}")
+        v = settled.values
+        return TurnContext(
+            conversation_id=conv_id, history=v["history"], webhook_url=v["webhook"],
+            escalated=v["escalation"], recent_fallbacks=v["interactions"],
+            degraded=tuple((f.name, f.reason) for f in settled.failures),
+        )
+
+    def _reads(self, turn: Turn, conv_id: int) -> dict[str, Callable[[], Awaitable[Any]]]:
+        s, cfg = self.store, self.cfg
+        return {
+            "history": lambda: s.load_history(conv_id, turn.turn_id, cfg.history_chars),
+            "webhook": lambda: s.load_webhook(turn.instance),
+            "escalation": lambda: s.load_escalated(conv_id),
+            "interactions": lambda: s.load_fallbacks(conv_id, turn.turn_id,
+                                                     cfg.recent_interactions),
+        }
+
+    async def _required(self, name: str, op: Callable[[], Awaitable[int]]) -> int:
+        try:
+            return await op()
+        except DatabaseError as exc:
+            if self.cfg.loads[name].policy == "required":  # type: ignore[index]
+                raise ContextFailed(f"required load {name} failed: {exc}") from exc
+            raise ContextFailed(f"load {name} failed and has no safe default: {exc}") from exc
+
+
+@attrs.define
+class ContextBatcher:
+    """Mode ``batched``: turns submitted together share one statement.
+
+    A batch is sent when it holds ``batch_size`` turns or ``batch_delay_ms`` after its first
+    one; at most ``concurrency`` batches are in flight. A batch never holds two turns of one
+    conversation (the conversation gate lets only one through at a time).
+    """
+
+    store: Store
+    cfg: ContextConfig
+    concurrency: int
+    batch_sizes: list[int] = attrs.field(factory=list)
+    _send: trio.MemorySendChannel[Any] = attrs.field(init=False)
+    _recv: trio.MemoryReceiveChannel[Any] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[Any](self.cfg.batch_size)
+
+    async def load(self, turn: Turn) -> TurnContext:
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+        await self._send.send((turn, reply_send))
+        result = await reply_recv.receive()
+        if isinstance(result, BaseException):
+            raise result
+        assert isinstance(result, TurnContext)
+        return result
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve batches until :meth:`close` (then the queue drains and this returns)."""
+        slots = trio.Semaphore(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async with self._recv:
+                async for batch in batches(self._recv, max_size=self.cfg.batch_size,
+                                           max_delay=self.cfg.batch_delay_ms / 1000):
+                    await slots.acquire()
+                    nursery.start_soon(self._serve, batch, slots)
+
+    async def _serve(self, batch: list[tuple[Turn, Any]], slots: trio.Semaphore) -> None:
+        try:
+            self.batch_sizes.append(len(batch))
+            timeout = max(load.timeout_ms for load in self.cfg.loads.values()) / 1000
+            try:
+                contexts: list[Any] = await self.store.load_contexts(
+                    [turn for turn, _ in batch], self.cfg.history_chars,
+                    self.cfg.recent_interactions, timeout)
+            except DatabaseError as exc:
+                contexts = [exc] * len(batch)
+            for (_, reply), ctx in zip(batch, contexts, strict=True):
+                reply.send_nowait(ctx)
+        finally:
+            slots.release()
 
 
 @attrs.define
 class LoadContext:
-    store: Store
+    """The stage: wait for the conversation's previous turn to commit, then load."""
+
+    loader: ContextLoader
     gate: ConversationGate
-    history_chars: int
-    recent_interactions: int
 
     async def __call__(self, turn: Turn) -> list[Turn]:
         await self.gate.enter(turn.key)  # left by dispatch, or by whoever drops the turn
-        ctx = await self.store.load_context(turn, self.history_chars, self.recent_interactions)
+        ctx = await self.loader.load(turn)
         return [attrs.evolve(turn, context=ctx)]

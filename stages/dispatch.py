@@ -56,6 +56,7 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
             conversation_id=turn.context.conversation_id, turn_id=turn.turn_id,
             reason=fx.reason if last else None, reply=fx.reply_text if last else None,
             origin=msg.origin, timings_ms=turn.timings_ms,
+            degraded=turn.context.degraded if last else (),
         ))
     return lines
 
