@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate a config file and explain every problem")
     cc.add_argument("file", type=Path)
     cc.set_defaults(func=_cmd_check_config)
+    esc = sub.add_parser("escalations", parents=[cfg],
+                         help="conversations handed to a human: list them, resolve one")
+    esc.add_argument("action", choices=("list", "resolve"))
+    esc.add_argument("id", nargs="?", type=int, help="the escalation to resolve")
+    esc.add_argument("--instance", help="list only this instance's")
+    esc.add_argument("--by", default="cli", help="who resolved it (recorded)")
+    esc.set_defaults(func=_cmd_escalations)
     db = sub.add_parser("db", parents=[cfg], help="the embedded database")
     db.add_argument("action", choices=("start", "stop", "status", "migrate", "url"))
     db.set_defaults(func=_cmd_db)
@@ -172,6 +179,30 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                      "pending in the inbox for the next start")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _cmd_escalations(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "resolve" and args.id is None:
+        print("pipeline escalations resolve: give the id of the escalation (see list)",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
+        async with open_store(cfg.database) as store:
+            if args.action == "list":
+                rows = await store.open_escalations(args.instance)
+                for e in rows:
+                    print(f"{e.id}\t{e.instance}\t{e.sender}\t{e.created_at:%Y-%m-%d %H:%M}"
+                          f"\t{e.reason}")
+                print(f"{len(rows)} open", file=sys.stderr)
+                return EXIT_OK
+            if await store.resolve_escalation(args.id, args.by):
+                print(f"resolved {args.id}: the assistant answers this conversation again")
+                return EXIT_OK
+            print(f"no open escalation {args.id}", file=sys.stderr)
+            return EXIT_FAILED
+
+    return int(trio.run(main))
 
 
 def _cmd_db(args: argparse.Namespace, cfg: Config) -> int:

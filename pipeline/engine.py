@@ -25,7 +25,7 @@ from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
 from pipeline.store import InstanceRow, Store
 from stages.context import ContextBatcher, ContextLoader, LoadContext
 from stages.dedupe import Dedupe, TextDeduper
-from stages.dispatch import Dispatch
+from stages.dispatch import Dispatch, Messages
 from stages.escalation import Escalation, EscalationRules
 from stages.intake import Intake
 from stages.outcomes import OutcomeSink, collect_outcomes
@@ -163,7 +163,9 @@ class Pipeline:
 
         keyed = {"max_active": cfg.pipeline.max_active_conversations, "lane_capacity": cap,
                  "on_error": drop_turn}
-        handover = {i.name: cfg.escalation.handover_message for i in cfg.instances}
+        esc = cfg.escalation
+        handover = {i.name: Messages(esc.handover_message, esc.out_of_hours_message)
+                    for i in cfg.instances}
         instances = InstanceCache(store, cfg.context.instance_cache_ttl_s)
         await nursery.start(instances.run)
         loader = self.loader = ContextLoader(store, cfg.context, instances, m)

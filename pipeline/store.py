@@ -36,6 +36,15 @@ class InstanceRow:
 
 
 @attrs.frozen
+class EscalationRow:
+    id: int
+    instance: str
+    sender: str
+    reason: str
+    created_at: dt.datetime
+
+
+@attrs.frozen
 class TurnEffects:
     """Everything a finished Turn writes, committed together by :meth:`Store.commit_turn`."""
 
@@ -278,6 +287,24 @@ class Store:
             raise DatabaseError(f"batched context load returned {len(by_ord)} rows for "
                                 f"{len(turns)} turns")
         return [_context(*by_ord[i + 1]) for i in range(len(turns))]
+
+    # --- escalations (operators) -----------------------------------------------------------
+
+    async def open_escalations(self, instance: str | None = None) -> list[EscalationRow]:
+        """Open escalations, oldest first (optionally of one instance)."""
+        rows = await self._all(
+            "SELECT e.id, c.instance, c.sender, e.reason, e.created_at"
+            " FROM escalations e JOIN conversations c ON c.id = e.conversation_id"
+            " WHERE e.status = 'open' AND (%s::text IS NULL OR c.instance = %s)"
+            " ORDER BY e.created_at, e.id", (instance, instance))
+        return [EscalationRow(*r) for r in rows]
+
+    async def resolve_escalation(self, escalation_id: int, by: str) -> bool:
+        """Close an open escalation so the assistant answers again; False if none was open."""
+        rows = await self._all(
+            "UPDATE escalations SET status = 'resolved', resolved_at = now(), resolved_by = %s"
+            " WHERE id = %s AND status = 'open' RETURNING id", (by, escalation_id))
+        return bool(rows)
 
     async def commit_turn(self, fx: TurnEffects) -> None:
         """Write the turn's effects and close its inbox rows, atomically and idempotently."""

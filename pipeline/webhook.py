@@ -6,6 +6,8 @@ Routes:
 * ``POST /webhook/cloud-api`` -- Cloud API bodies, ``X-Hub-Signature-256`` checked first
 * ``POST /webhook/evolution`` (and ``/webhook/evolution/<event>``) -- Evolution events,
   ``apikey`` checked first (header, or the body's own ``apikey`` field)
+* ``GET  /escalations`` and ``POST /escalations/<id>/resolve`` -- operators, with
+  ``Authorization: Bearer <webhook.resolve_token>`` (off while the token is empty)
 * ``GET  /healthz``
 
 Order of checks for a POST: size (413) → credentials (401) → JSON (400 + dead letter) →
@@ -109,6 +111,8 @@ class WebhookApp:
         self.stats.received += 1
         if path == "/healthz":
             return Response(200, {"status": "ok"})
+        if path == "/escalations" or path.startswith("/escalations/"):
+            return await self._escalations(method, path, _headers(scope))
         if path == "/webhook/cloud-api" and method == "GET":
             return verification(scope.get("query_string", b"").decode("latin-1"),
                                  self.cfg.verify_token)
@@ -165,6 +169,34 @@ class WebhookApp:
             "ignored": len(accepted.finished) - len(accepted.invalid),
             "invalid": len(accepted.invalid),
         })
+
+    async def _escalations(self, method: str, path: str, headers: dict[str, str]) -> Response:
+        token = self.cfg.resolve_token
+        if not token:
+            return Response(404, {"error": "escalation endpoints are off: set "
+                                  "[webhook] resolve_token to enable them"})
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not apikey_ok(given, token):
+            return Response(401, {"error": "authorization: Bearer <resolve_token> required"},
+                            (("www-authenticate", "Bearer"),))
+        store = self.intake.store
+        parts = path.split("/")
+        try:
+            if method == "GET" and path == "/escalations":
+                return Response(200, {"open": [
+                    {"id": e.id, "instance": e.instance, "sender": e.sender,
+                     "reason": e.reason, "created_at": e.created_at.isoformat()}
+                    for e in await store.open_escalations()]})
+            if method == "POST" and len(parts) == 4 and parts[3] == "resolve" \
+                    and parts[2].isdigit():
+                if await store.resolve_escalation(int(parts[2]), "http"):
+                    return Response(200, {"resolved": int(parts[2])})
+                return Response(404, {"error": f"no open escalation {parts[2]}"})
+        except DatabaseError as exc:
+            logger.bind(stage="webhook").warning("escalations endpoint: {}", exc)
+            return Response(503, {"error": "database unavailable, retry later"},
+                            (("retry-after", str(RETRY_AFTER_S)),))
+        return Response(404, {"error": f"no such endpoint: {method} {path}"})
 
     async def _dead_letter(self, invalid: Invalid, raw: bytes) -> None:
         try:

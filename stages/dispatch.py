@@ -20,28 +20,41 @@ from pipeline.store import Store, TurnEffects
 _ACTIONS: dict[str, Action] = {"reply": "replied", "escalate": "escalated", "hold": "held"}
 
 
-def effects(turn: Turn, handover_message: str, delivered: bool) -> TurnEffects:
-    """What a decided turn writes (pure)."""
+@attrs.frozen
+class Messages:
+    """What the user is told when a turn is handed over, in and out of business hours."""
+
+    handover: str
+    out_of_hours: str
+
+
+def effects(turn: Turn, messages: Messages, delivered: bool) -> TurnEffects:
+    """What a decided turn writes (pure): the reply or hand-over message, and the customer
+    webhook events -- ``turn`` for every turn, ``escalation.opened`` when it hands over."""
     assert turn.decision is not None and turn.context is not None
-    verdict = turn.decision.verdict
+    decision = turn.decision
     text: str | None = None
     outbox: list[tuple[str, str, str, dict[str, Any]]] = []
-    if verdict == "reply" and turn.reply is not None:
+    if decision.verdict == "reply" and turn.reply is not None:
         text = turn.reply.text
         outbox.append((f"{turn.turn_id}:reply", "reply", turn.sender,
                        {"to": turn.sender, "text": text}))
-    elif verdict == "escalate":
-        text = handover_message
+    elif decision.verdict == "escalate":
+        text = messages.out_of_hours if decision.out_of_hours else messages.handover
         outbox.append((f"{turn.turn_id}:handover", "handover", turn.sender,
                        {"to": turn.sender, "text": text}))
     if turn.context.webhook_url:
-        outbox.append((f"{turn.turn_id}:webhook", "webhook", turn.context.webhook_url, {
-            "event": "turn", "instance": turn.instance, "sender": turn.sender,
-            "turn_id": turn.turn_id, "action": _ACTIONS[verdict],
-            "reason": turn.decision.reason, "reply": text,
-            "messages": [m.message_id for m in turn.messages],
-        }))
-    return TurnEffects(turn, _ACTIONS[verdict], turn.decision.reason, text, tuple(outbox),
+        event = {"instance": turn.instance, "sender": turn.sender, "turn_id": turn.turn_id,
+                 "action": _ACTIONS[decision.verdict], "reason": decision.reason,
+                 "reply": text, "messages": [m.message_id for m in turn.messages],
+                 "conversation_id": turn.context.conversation_id}
+        outbox.append((f"{turn.turn_id}:webhook", "webhook", turn.context.webhook_url,
+                       {"event": "turn", **event}))
+        if decision.verdict == "escalate":
+            outbox.append((f"{turn.turn_id}:escalation", "webhook", turn.context.webhook_url,
+                           {"event": "escalation.opened", "out_of_hours": decision.out_of_hours,
+                            **event}))
+    return TurnEffects(turn, _ACTIONS[decision.verdict], decision.reason, text, tuple(outbox),
                        delivered)
 
 
@@ -65,11 +78,11 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
 class Dispatch:
     store: Store
     gate: ConversationGate
-    handover_messages: dict[str, str]  # by instance
+    messages: dict[str, Messages]  # by instance
     transport: str
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
-        fx = effects(turn, self.handover_messages[turn.instance], self.transport == "dry")
+        fx = effects(turn, self.messages[turn.instance], self.transport == "dry")
         await self.store.commit_turn(fx)
         self.gate.leave(turn.key)
         return outcomes(turn, fx)
