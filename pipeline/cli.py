@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 failure at run time, 2 bad usage or bad config.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -21,6 +22,7 @@ from pipeline.database import DEFAULT_DBNAME, cluster_for, open_store
 from pipeline.db import DatabaseError
 from pipeline.logs import dsn_password, setup_logging
 from pipeline.pgcluster import ClusterError
+from pipeline.report import ReportCollector, render_report
 from pipeline.shutdown import Shutdown, watch_signals
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -44,9 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[cfg], help="replay recorded message logs")
     rp.add_argument("logs", nargs="*", type=Path, help="JSONL logs (default: the bundled sample)")
     rp.add_argument("--out", type=Path, help="write one outcome line per message here")
-    rp.add_argument("--clock", default="virtual", help="virtual (default); real and Nx are "
-                    "not built yet")
+    rp.add_argument("--clock", default="virtual",
+                    help="virtual (default: recorded time, as fast as possible), real (the "
+                    "recorded pace) or Nx (N times the recorded pace, e.g. 10x)")
     rp.add_argument("--keep-db", action="store_true", help="keep the fresh replay database")
+    rp.add_argument("--report", type=Path, help="write a self-contained HTML report here")
     rp.set_defaults(func=_cmd_replay)
     cc = sub.add_parser("check-config", help="validate a config file and explain every problem")
     cc.add_argument("file", type=Path)
@@ -106,11 +110,12 @@ def _cmd_check_config(args: argparse.Namespace, _cfg: Any) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.replay import replay, summary
+    from pipeline.replay import parse_clock, replay, summary
 
-    if args.clock != "virtual":
-        print(f"pipeline replay: --clock {args.clock} is not built yet; use virtual",
-              file=sys.stderr)
+    try:
+        clock = parse_clock(args.clock)
+    except ValueError as exc:
+        print(f"pipeline replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs = args.logs or [sample_log()]
     missing = [str(p) for p in logs if not p.is_file()]
@@ -120,29 +125,44 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
     if not args.logs:
         logger.info("no log given: replaying the bundled sample {}", logs[0])
     shutdown = Shutdown(cfg.pipeline.shutdown_grace_s)
+    collector = ReportCollector() if args.report else None
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_signals, shutdown)
             with shutdown.scope:
-                result = await replay(cfg, logs, out=out, keep_db=args.keep_db,
+                result = await replay(cfg, logs, out=out, keep_db=args.keep_db, clock=clock,
+                                      report=collector,
                                       on_pipeline=lambda p: shutdown.on_stop(p.stop_sources))
             nursery.cancel_scope.cancel()
         return None if shutdown.expired else result
 
     with ExitStack() as stack:
         out = stack.enter_context(open(args.out, "w")) if args.out else None
-        result = trio.run(main)
+        result = trio.run(main, clock=clock.make())
     if result is None:
         logger.error("shutdown grace expired: unfinished turns were cancelled")
         return EXIT_FAILED
     print(summary(result, kept=args.keep_db))
+    if collector is not None:
+        _write_report(args, collector, result, logs)
     if cfg.metrics.summary:
         from pipeline.metrics import summary_table
         print(summary_table(result.metrics, result.elapsed_s))
     if shutdown.requests:
         print("stopped early by a signal: the rest of the log was not replayed")
     return EXIT_OK
+
+
+def _write_report(args: argparse.Namespace, collector: ReportCollector, result: Any,
+                  logs: Sequence[Path]) -> None:
+    data = collector.finish(
+        result.metrics, result.sink, events=result.events, real_s=result.elapsed_s,
+        round_trips=result.round_trips, virtual_s=result.virtual_s,
+        sources=[str(p) for p in logs], clock=args.clock,
+        generated=f"pipeline replay · {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
+    args.report.write_text(render_report(data), encoding="utf-8")
+    print(f"report: {args.report}")
 
 
 def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:

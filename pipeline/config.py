@@ -263,8 +263,8 @@ class EscalationConfig:
 class RuleConfig:
     """One entry of a rules responder's ``rules``."""
 
-    match: str = setting("", "case-insensitive substring of the message", required=True,
-                         nonempty=True)
+    match: str = setting("", "a word or phrase of the message (any case, accents or script); "
+                         "a trailing * matches a word's start", required=True, nonempty=True)
     reply: str = setting("", "the answer", required=True)
     confidence: float = setting(0.9, "confidence recorded for this answer", ge=0, le=1)
 
@@ -279,7 +279,7 @@ class ResponderConfig:
 
     kind: ResponderKind = setting("rules", "rules (from this file) or openai (chat endpoint)")
     fallback: str = setting("Sorry, I did not understand. Could you rephrase?",
-                            "answer when no rule matches", when=_RULES)
+                            "answer when no rule matches or the endpoint fails")
     rules: tuple[RuleConfig, ...] = setting((), "first matching rule answers", when=_RULES)
     url: str = setting("", "OpenAI-compatible chat completions URL", when=_OPENAI,
                        required=True, nonempty=True, prefixes=_URL)
@@ -618,8 +618,36 @@ def _hours_checks(hours: BusinessHoursConfig) -> Iterator[tuple[_Loc, str]]:
         yield _Loc(loc, "close"), f"must be after open ({times['open']}), not {times['close']!r}"
 
 
+def _phrase_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
+    """Keywords, request phrases and rule matches must contain a word to match."""
+    from stages.textmatch import words
+
+    def bad(texts: Iterable[str]) -> list[str]:
+        return [t for t in texts if t and not words(t.rstrip("*"))]
+
+    for key in ("keywords", "request_phrases"):
+        for text in bad(getattr(cfg.escalation, key)):
+            yield (_Loc("[escalation]", key),
+                   f"entries must contain a letter or digit to match, not {text!r}")
+    for i, inst in enumerate(cfg.instances):
+        for text in bad(inst.escalation_keywords):
+            yield (_Loc(f"[[instances]][{i}]", "escalation_keywords"),
+                   f"entries must contain a letter or digit to match, not {text!r}")
+    for name, responder in cfg.responders.items():
+        for n, rule in enumerate(responder.rules):
+            if bad([rule.match]):
+                yield (_Loc(f"[responders.{name}]", f"rules[{n}].match"),
+                       f"must contain a letter or digit to match, not {rule.match!r}")
+
+
 def _cross_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
     yield from _hours_checks(cfg.escalation.business_hours)
+    yield from _phrase_checks(cfg)
+    threshold = cfg.escalation.max_failed_answers
+    if threshold > cfg.context.recent_interactions:
+        yield (_Loc("[escalation]", "max_failed_answers"),
+               f"must be <= [context] recent_interactions ({cfg.context.recent_interactions}): "
+               f"only that many past answers are loaded, so {threshold} in a row is never seen")
     if not cfg.instances:
         yield _Loc("[[instances]]"), "is missing: at least one instance is needed"
     renamed: set[int] = set()  # an instance whose evolution_instance repeats a duplicate name
@@ -765,4 +793,4 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(map(_toml, value)) + "]"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)

@@ -20,6 +20,7 @@ from pipeline.db import DatabaseUnavailable, open_pool
 from pipeline.migrate import migrate
 from pipeline.pgcluster import Cluster, valid_dbname
 from pipeline.store import Store
+from pipeline.vclock import io_held
 
 DEFAULT_DBNAME = "pipeline"
 
@@ -29,8 +30,12 @@ def cluster_for(db: DatabaseConfig) -> Cluster:
 
 
 async def create_database(admin_conninfo: str, name: str, *, template: str | None = None,
-                          drop_first: bool = False) -> None:
-    """``CREATE DATABASE name`` unless it exists (the name is checked: it is not a parameter)."""
+                          drop_first: bool = False, throwaway: bool = False) -> None:
+    """``CREATE DATABASE name`` unless it exists (the name is checked: it is not a parameter).
+
+    A ``throwaway`` database (a replay's) commits without waiting for the disk: a crash can
+    only lose the replay, which is rerun anyway, and commits stop costing an fsync each.
+    """
     valid_dbname(name)
     async with open_pool(admin_conninfo, 1) as pool, pool.connection() as conn:
         if drop_first:
@@ -40,6 +45,8 @@ async def create_database(admin_conninfo: str, name: str, *, template: str | Non
             sql = f"CREATE DATABASE {name}" + (f" TEMPLATE {valid_dbname(template)}" if template
                                                else "")
             await conn.execute(sql.encode())
+        if throwaway:
+            await conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off".encode())
 
 
 async def drop_database(admin_conninfo: str, name: str) -> None:
@@ -61,19 +68,20 @@ async def open_store(db: DatabaseConfig, *, dbname: str = DEFAULT_DBNAME, fresh:
             yield store
         return
     cluster = cluster_for(db)
-    started = await trio.to_thread.run_sync(cluster.start)
+    with io_held():
+        started = await trio.to_thread.run_sync(cluster.start)
     if started:
         logger.info("embedded postgresql started in {}", cluster.data_dir)
     admin = cluster.conninfo("postgres")
     try:
-        await create_database(admin, dbname, drop_first=fresh)
+        await create_database(admin, dbname, drop_first=fresh, throwaway=fresh)
         async with _pool_store(db, cluster.conninfo(dbname)) as store:
             yield store
         if fresh and not keep:
             await drop_database(admin, dbname)
     finally:
         if started:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), io_held():
                 await trio.to_thread.run_sync(cluster.stop)
             logger.info("embedded postgresql stopped")
 

@@ -37,6 +37,8 @@ from psycopg._enums import Ready, Wait  # private: pinned, see the module docstr
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from pipeline.vclock import io_held
+
 _WAIT_R = Wait.R
 _WAIT_W = Wait.W
 _READY_R = Ready.R
@@ -120,17 +122,19 @@ class TrioConnection(psycopg.AsyncConnection[TupleRow]):
     @classmethod
     async def connect_trio(cls, conninfo: str, *, autocommit: bool = True) -> Self:
         """Connect without touching asyncio (no host-name resolution: use a socket or IP)."""
-        conn: Self = await _drive_conn(cls._connect_gen(make_conninfo(conninfo)))
+        with io_held():
+            conn: Self = await _drive_conn(cls._connect_gen(make_conninfo(conninfo)))
         conn._autocommit = autocommit
         return conn
 
     async def wait(self, gen: Any, interval: float = 0.0, timeout: float | None = None) -> Any:
-        try:
-            return await _drive(gen, self.pgconn.socket)
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                await self._settle_after_cancel(gen)
-            raise
+        with io_held():
+            try:
+                return await _drive(gen, self.pgconn.socket)
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await self._settle_after_cancel(gen)
+                raise
 
     async def _settle_after_cancel(self, gen: Any) -> None:
         """Cancel the query on the server and drain ``gen``, or close the connection."""

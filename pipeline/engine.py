@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
+import httpx
 import trio
 from loguru import logger
 
 from pipeline.config import Config
+from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.gate import ConversationGate
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
+from pipeline.outbox import OutboxStore
 from pipeline.records import Invalid, Outcome, RawEvent, Stored, Turn
 from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
 from pipeline.store import InstanceRow, Store
 from stages.context import ContextBatcher, ContextLoader, LoadContext
 from stages.dedupe import Dedupe, TextDeduper
 from stages.dispatch import Dispatch, Messages
-from stages.escalation import Escalation, EscalationRules
+from stages.escalation import Escalation, EscalationRules, rules_from_config
 from stages.intake import Intake
 from stages.outcomes import OutcomeSink, collect_outcomes
 from stages.parse import InstanceDirectory
-from stages.respond import Respond, Rule, RulesResponder
+from stages.respond import Respond, Responder, build_responder
 from stages.turns import BurstBuffer, assemble_turns
 
 
@@ -41,29 +45,16 @@ def instance_rows(cfg: Config) -> list[InstanceRow]:
 
 
 def escalation_rules(cfg: Config) -> dict[str, EscalationRules]:
-    base = cfg.escalation
-    return {
-        i.name: EscalationRules(
-            keywords=(*base.keywords, *i.escalation_keywords),
-            max_failed_answers=i.max_failed_answers or base.max_failed_answers,
-        )
-        for i in cfg.instances
-    }
+    """Each instance's rules: the ``[escalation]`` defaults refined by the instance."""
+    return {i.name: rules_from_config(cfg.escalation, i) for i in cfg.instances}
 
 
-def responders(cfg: Config) -> dict[str, RulesResponder]:
-    """The responder of each instance. Only ``rules`` responders exist so far."""
-    out = {}
-    for inst in cfg.instances:
-        rc = cfg.responders[inst.responder]
-        if rc.kind != "rules":
-            raise NotImplementedError(
-                f"responder {inst.responder!r} of kind {rc.kind!r} is not implemented yet; "
-                "use kind = \"rules\"")
-        out[inst.name] = RulesResponder(
-            inst.responder, tuple(Rule(r.match, r.reply, r.confidence) for r in rc.rules),
-            rc.fallback)
-    return out
+def responders(cfg: Config, client: httpx.AsyncClient | None) -> dict[str, Responder]:
+    """The responder of each instance; instances naming the same responder share one.
+    ``client`` is the HTTP client of the ``openai`` responders."""
+    built = {name: build_responder(name, cfg.responders[name], client)
+             for name in dict.fromkeys(i.responder for i in cfg.instances)}
+    return {i.name: built[i.responder] for i in cfg.instances}
 
 
 def burst_buffer(cfg: Config) -> BurstBuffer:
@@ -110,6 +101,8 @@ class Pipeline:
     wall_clock: Callable[[], dt.datetime] | None = None
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     gate: ConversationGate = attrs.field(factory=ConversationGate, init=False)
+    wake: Notifier = attrs.field(factory=Notifier, init=False)
+    deliveries: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
     loader: ContextLoader | None = attrs.field(default=None, init=False)
 
     def stop_sources(self) -> None:
@@ -120,14 +113,21 @@ class Pipeline:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until every source has ended and everything it handed over is through."""
         await self.store.seed_instances(instance_rows(self.cfg))
-        async with trio.open_nursery() as nursery:
-            inlets = await self._start_stages(nursery)
-            task_status.started()
-            for source in sources:
-                nursery.start_soon(_run_source, source, inlets.clone())
-            inlets.close()
+        stop_delivery = trio.Event()
+        async with httpx.AsyncClient() as http, trio.open_nursery() as outer:
+            if self.cfg.dispatch.transport != "dry":  # dry rows are written as delivered
+                outbox = OutboxStore(self.store.pool, self.cfg.database.query_timeout_s)
+                await outer.start(partial(run_delivery, self.cfg, outbox, wake=self.wake,
+                                          stopping=stop_delivery, stats=self.deliveries))
+            async with trio.open_nursery() as nursery:
+                inlets = await self._start_stages(nursery, http)
+                task_status.started()
+                for source in sources:
+                    nursery.start_soon(_run_source, source, inlets.clone())
+                inlets.close()
+            stop_delivery.set()  # the stages have drained: deliver what is due, then stop
 
-    async def _start_stages(self, nursery: trio.Nursery) -> Inlets:
+    async def _start_stages(self, nursery: trio.Nursery, http: httpx.AsyncClient) -> Inlets:
         cfg, m = self.cfg, self.metrics
         cap = cfg.pipeline.channel_capacity
 
@@ -145,10 +145,11 @@ class Pipeline:
         await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_r, fresh,
                             m.stage("dedupe"), {})
         await nursery.start(_assemble, fresh_r, turns, burst_buffer(cfg), m, self.wall_clock)
-        await self._start_turn_stages(nursery, turns_r, done.clone())
+        await self._start_turn_stages(nursery, turns_r, done.clone(), http)
         return Inlets(raw, stored, done, self.stopping)
 
-    async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any) -> None:
+    async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any,
+                                 http: httpx.AsyncClient) -> None:
         """context → escalation → respond → dispatch: per-conversation lanes."""
         cfg, store, m, gate = self.cfg, self.store, self.metrics, self.gate
         cap = cfg.pipeline.channel_capacity
@@ -168,15 +169,17 @@ class Pipeline:
                     for i in cfg.instances}
         instances = InstanceCache(store, cfg.context.instance_cache_ttl_s)
         await nursery.start(instances.run)
-        loader = self.loader = ContextLoader(store, cfg.context, instances, m)
+        min_conf = cfg.escalation.min_confidence
+        loader = self.loader = ContextLoader(store, cfg.context, instances, min_conf, m)
         if cfg.context.mode == "batched":
             loader.batcher = ContextBatcher(store, cfg.context,
-                                            concurrency=max(1, cfg.database.pool_size // 2))
+                                            concurrency=max(1, cfg.database.pool_size // 2),
+                                            min_confidence=min_conf)
             await nursery.start(loader.batcher.run)
         handlers = [
             ("context", LoadContext(loader, gate)),
             ("escalation", Escalation(escalation_rules(cfg))),
-            ("respond", Respond(responders(cfg))),
+            ("respond", Respond(responders(cfg, http))),
         ]
         recv = turns
         for name, handler in handlers:
@@ -185,7 +188,7 @@ class Pipeline:
             await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
                                 then)
             recv = next_recv
-        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport)
+        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport, self.wake.notify)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
 

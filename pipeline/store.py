@@ -152,7 +152,9 @@ class Store:
         """Write messages to the inbox; return for each whether it was a redelivery.
 
         One statement for the whole batch; a repeated id (in the batch or already stored)
-        only bumps the row's redelivery counter.
+        only bumps the row's redelivery counter. The same statement opens the conversation
+        of a sender seen for the first time, in arrival order, so conversation ids follow
+        the order of the log (a replay gives the same ids every time).
         """
         first: dict[tuple[str, str], int] = {}
         repeats: dict[tuple[str, str], int] = {}
@@ -163,19 +165,19 @@ class Store:
             else:
                 first[key] = i
         fresh = [messages[i] for i in first.values()]
-        rows = await self._all(
-            "INSERT INTO inbox (instance, message_id, sender, format, received_at, message,"
-            " redeliveries)"
-            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-            " %s::timestamptz[], %s::jsonb[], %s::int[])"
-            " ON CONFLICT (instance, message_id)"
-            " DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries"
-            " RETURNING instance, message_id, (xmax = 0) AS inserted",
-            ([m.instance for m in fresh], [m.message_id for m in fresh],
-             [m.sender for m in fresh], [m.format for m in fresh],
-             [m.received_at for m in fresh], [Jsonb(message_json(m)) for m in fresh],
-             [repeats.get((m.instance, m.message_id), 0) for m in fresh]),
-        )
+        senders: dict[tuple[str, str], InboundMessage] = {}
+        for m in fresh:
+            senders.setdefault(m.conversation_key, m)
+        rows = await self._all(_STORE_INBOUND, {
+            "instances": [m.instance for m in fresh], "ids": [m.message_id for m in fresh],
+            "senders": [m.sender for m in fresh], "formats": [m.format for m in fresh],
+            "received": [m.received_at for m in fresh],
+            "messages": [Jsonb(message_json(m)) for m in fresh],
+            "repeats": [repeats.get((m.instance, m.message_id), 0) for m in fresh],
+            "c_instances": [k[0] for k in senders], "c_senders": [k[1] for k in senders],
+            "c_names": [m.sender_name for m in senders.values()],
+            "c_at": [m.received_at for m in senders.values()],
+        })
         inserted = {(r[0], r[1]) for r in rows if r[2]}
         return [
             not (first[(m.instance, m.message_id)] == i and (m.instance, m.message_id) in inserted)
@@ -214,6 +216,7 @@ class Store:
         )
 
     async def load_context(self, turn: Turn, history_chars: int, recent_interactions: int,
+                           min_confidence: float = 0.0,
                            timeout: float | None = None) -> TurnContext:
         """Find or create the conversation, load its context and store the user messages.
 
@@ -224,6 +227,7 @@ class Store:
         """
         rows = await self._all(_LOAD_CONTEXT, {
             **_turn_params(turn), "chars": history_chars, "n": recent_interactions,
+            "min_conf": min_confidence,
         }, timeout)
         if not rows:
             raise DatabaseError(f"conversation of {turn.instance}/{turn.sender} not found")
@@ -255,9 +259,12 @@ class Store:
         return bool(rows[0][0])
 
     async def load_fallbacks(self, conversation_id: int, turn_id: str, n: int,
+                             min_confidence: float = 0.0,
                              timeout: float | None = None) -> tuple[bool, ...]:
-        rows = await self._all(_FALLBACKS, {"conv": conversation_id, "turn": turn_id, "n": n},
-                               timeout)
+        """The last ``n`` answers, newest first: True for a failed one (a fallback, or a
+        confidence below ``min_confidence``)."""
+        rows = await self._all(_FALLBACKS, {"conv": conversation_id, "turn": turn_id, "n": n,
+                                            "min_conf": min_confidence}, timeout)
         return tuple(rows[0][0] or ())
 
     async def store_user_messages(self, conversation_id: int, turn: Turn,
@@ -266,7 +273,7 @@ class Store:
                         timeout)
 
     async def load_contexts(self, turns: Sequence[Turn], history_chars: int,
-                            recent_interactions: int,
+                            recent_interactions: int, min_confidence: float = 0.0,
                             timeout: float | None = None) -> list[TurnContext]:
         """:meth:`load_context` for many turns of *different* conversations in one
         statement (mode ``batched``); results in the order of ``turns``."""
@@ -280,7 +287,7 @@ class Store:
             "m_ids": [m.message_id for _, m in messages],
             "m_kinds": [m.kind for _, m in messages], "m_bodies": [m.text for _, m in messages],
             "m_sent": [m.sent_at for _, m in messages],
-            "chars": history_chars, "n": recent_interactions,
+            "chars": history_chars, "n": recent_interactions, "min_conf": min_confidence,
         }, timeout)
         by_ord = {int(r[0]): r[1:] for r in rows}
         if len(by_ord) != len(turns):
@@ -329,6 +336,28 @@ class Store:
         })
 
 
+_STORE_INBOUND = """
+WITH ins AS (
+    INSERT INTO inbox (instance, message_id, sender, format, received_at, message, redeliveries)
+    SELECT * FROM unnest(%(instances)s::text[], %(ids)s::text[], %(senders)s::text[],
+                         %(formats)s::text[], %(received)s::timestamptz[], %(messages)s::jsonb[],
+                         %(repeats)s::int[])
+    ON CONFLICT (instance, message_id)
+    DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
+    RETURNING instance, message_id, (xmax = 0) AS inserted
+), conv AS (
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+    SELECT c.instance, c.sender, c.name, c.at
+    FROM unnest(%(c_instances)s::text[], %(c_senders)s::text[], %(c_names)s::text[],
+                %(c_at)s::timestamptz[]) WITH ORDINALITY AS c(instance, sender, name, at, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM conversations o WHERE o.instance = c.instance
+                      AND o.sender = c.sender AND o.status = 'open')
+    ORDER BY c.ord
+    ON CONFLICT (instance, sender) WHERE status = 'open' DO NOTHING
+)
+SELECT instance, message_id, inserted FROM ins
+"""
+
 _CONVERSATION_UPSERT_BODY = """
     ON CONFLICT (instance, sender) WHERE status = 'open'
     DO UPDATE SET last_message_at = greatest(conversations.last_message_at,
@@ -348,8 +377,8 @@ _HISTORY_OF = """
               ORDER BY id DESC LIMIT 50) h)"""
 
 _FALLBACKS_OF = """
-    (SELECT array_agg(a.fallback ORDER BY a.id DESC)
-       FROM (SELECT id, fallback FROM ai_interactions
+    (SELECT array_agg((a.fallback OR a.confidence < %(min_conf)s) ORDER BY a.id DESC)
+       FROM (SELECT id, fallback, confidence FROM ai_interactions
               WHERE conversation_id = {conv} AND turn_id <> {turn}
               ORDER BY id DESC LIMIT %(n)s) a)"""
 

@@ -57,6 +57,7 @@ class ContextLoader:
     store: Store
     cfg: ContextConfig
     instances: InstanceCache
+    min_confidence: float = 0.0  # an answer below it counts as failed ([escalation])
     metrics: Metrics | None = None
     batcher: ContextBatcher | None = None
 
@@ -74,6 +75,7 @@ class ContextLoader:
                 return await self.batcher.load(turn)
             return await self.store.load_context(turn, self.cfg.history_chars,
                                                  self.cfg.recent_interactions,
+                                                 self.min_confidence,
                                                  self._statement_timeout())
         except DatabaseError as exc:
             logger.bind(stage="context").warning(
@@ -126,7 +128,8 @@ class ContextLoader:
             "webhook": lambda: s.load_webhook(turn.instance),
             "escalation": lambda: s.load_escalated(conv_id),
             "interactions": lambda: s.load_fallbacks(conv_id, turn.turn_id,
-                                                     cfg.recent_interactions),
+                                                     cfg.recent_interactions,
+                                                     self.min_confidence),
         }
 
     async def _required(self, name: str, op: Callable[[], Awaitable[int]]) -> int:
@@ -150,6 +153,7 @@ class ContextBatcher:
     store: Store
     cfg: ContextConfig
     concurrency: int
+    min_confidence: float = 0.0
     batch_sizes: list[int] = attrs.field(factory=list)
     _send: trio.MemorySendChannel[Any] = attrs.field(init=False)
     _recv: trio.MemoryReceiveChannel[Any] = attrs.field(init=False)
@@ -187,7 +191,7 @@ class ContextBatcher:
             try:
                 contexts: list[Any] = await self.store.load_contexts(
                     [turn for turn, _ in batch], self.cfg.history_chars,
-                    self.cfg.recent_interactions, timeout)
+                    self.cfg.recent_interactions, self.min_confidence, timeout)
             except DatabaseError as exc:
                 contexts = [exc] * len(batch)
             for (_, reply), ctx in zip(batch, contexts, strict=True):

@@ -4,11 +4,12 @@ The AI interaction, the reply or hand-over message, the escalation, the outbox r
 an idempotency key derived from the turn) and the closing of the inbox rows are one
 statement: a crash or a cancellation leaves all of them or none, and redoing a turn after a
 restart writes nothing twice. With the ``dry`` transport the outbox rows are recorded as
-delivered; the delivery task for real transports is not built yet.
+delivered; otherwise :mod:`pipeline.delivery` sends them (``on_commit`` wakes it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -80,9 +81,12 @@ class Dispatch:
     gate: ConversationGate
     messages: dict[str, Messages]  # by instance
     transport: str
+    on_commit: Callable[[], None] | None = None
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
         fx = effects(turn, self.messages[turn.instance], self.transport == "dry")
         await self.store.commit_turn(fx)
+        if self.on_commit is not None and fx.outbox and not fx.delivered:
+            self.on_commit()
         self.gate.leave(turn.key)
         return outcomes(turn, fx)

@@ -267,8 +267,11 @@ ONE_PROBLEM = [
     ({"responders": {"faq": {"url": "https://x"}}},
      r"x\.toml: \[responders\.faq\] url applies only when kind = 'openai', not 'rules'"),
     ({"responders": {"gpt": {"kind": "openai", "url": "https://x", "model": "m",
-                             "fallback": "?"}}},
-     r"x\.toml: \[responders\.gpt\] fallback applies only when kind = 'rules', not 'openai'"),
+                             "rules": [{"match": "a", "reply": "b"}]}}},
+     r"x\.toml: \[responders\.gpt\] rules applies only when kind = 'rules', not 'openai'"),
+    ({"escalation": {"keywords": ["human", "!!!"]}},
+     r"x\.toml: \[escalation\] keywords entries must contain a letter or digit to match, "
+     r"not '!!!'"),
     ({"responders": {"gpt": {"kind": "openai", "url": "ftp://x", "model": "m"}}},
      r"x\.toml: \[responders\.gpt\] url must be a url starting with http:// or https://, "
      r"not 'ftp://x'"),

@@ -22,7 +22,7 @@ from pipeline.db import open_pool
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder, read_log
 from pipeline.records import RawEvent
-from pipeline.store import Store
+from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, LiveIntake
 from stages.parse import InstanceDirectory
@@ -53,8 +53,11 @@ class Server:
 
 
 async def _start(nursery: trio.Nursery, store: Store, cfg: WebhookConfig,
-                 recorder: LogRecorder | None = None) -> Server:
+                 recorder: LogRecorder | None = None, *, seed: bool = True) -> Server:
     accepted: list[Accepted] = []
+    if seed:  # as `pipeline run` does at start: conversations reference their instance
+        await store.seed_instances([InstanceRow("demo", "1122334455667", "Teste", {}),
+                                    InstanceRow("loja", "", "loja", {})])
 
     async def handover(a: Accepted) -> None:
         accepted.append(a)
@@ -214,7 +217,8 @@ async def test_inbox_unavailable_is_503_never_200(tmp_path: Path,
                          connect_timeout_s=1) as pool:
         store = Store(pool, query_timeout_s=1)
         async with trio.open_nursery() as nursery:
-            srv = await _start(nursery, store, WebhookConfig(port=0, app_secret=SECRET))
+            srv = await _start(nursery, store, WebhookConfig(port=0, app_secret=SECRET),
+                               seed=False)
             raw = cloud_body()
             r = await client.post(f"{srv.url}/webhook/cloud-api", content=raw,
                                   headers=signed(raw))

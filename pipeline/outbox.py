@@ -1,0 +1,161 @@
+"""The outbox API of the delivery task: claim the rows due, then record what became of them.
+
+Same rules as :mod:`pipeline.store`: each method is one statement on a pooled connection,
+under ``query_timeout_s``, with psycopg errors translated. Due times use the server's clock
+(``now()``), so every process that delivers agrees on them.
+
+Order per conversation is the database's job: only the *head* of a conversation's queue (its
+oldest pending row) can be claimed, so a later reply can never overtake an earlier one that
+is still being retried; a row that is delivered or dead lets the next one through. A claim
+*leases* its rows by moving ``next_attempt_at`` past the end of the send: another process
+(or this one, had it forgotten) sees the head as not due and leaves the whole conversation
+alone, and a crash mid-send only delays the row until the lease ends -- it is never lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import attrs
+import psycopg
+import trio
+
+from pipeline.db import Pool, translate
+from pipeline.store import QueryTimeout
+
+OutboxKind = Literal["reply", "handover", "webhook"]
+
+
+@attrs.frozen
+class OutboxRow:
+    """One claimed outbox row: what to send, to whom, and how many sends it has had."""
+
+    id: int
+    idempotency_key: str
+    kind: OutboxKind
+    instance: str
+    conversation_id: int | None
+    target: str
+    payload: dict[str, Any]
+    attempts: int
+
+    @property
+    def lane(self) -> int:
+        """The key of its ordered queue: the conversation, or the row itself when it has none
+        (the same expression as the claim statement and the ``outbox_pending_lane`` index)."""
+        return self.conversation_id if self.conversation_id is not None else -self.id
+
+
+class OutboxStore:
+    """The statements of the delivery task over a :class:`Pool`; see the module docstring."""
+
+    def __init__(self, pool: Pool, query_timeout_s: float) -> None:
+        self.pool = pool
+        self.query_timeout_s = query_timeout_s
+        self.round_trips = 0
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        try:
+            with trio.fail_after(self.query_timeout_s):
+                async with self.pool.connection() as conn:
+                    self.round_trips += 1
+                    yield conn
+        except trio.TooSlowError:
+            raise QueryTimeout(
+                f"database did not answer within {self.query_timeout_s} s"
+            ) from None
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+    async def _all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        async with self._conn() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def claim(self, limit: int, *, busy: Collection[int] = (), lease_s: float,
+                    now: dt.datetime | None = None) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows, each the oldest pending row of its conversation.
+
+        ``busy`` are the lanes (:attr:`OutboxRow.lane`) this process is sending already; they
+        are skipped. A claimed row is not due again for ``lease_s`` seconds. ``now`` replaces
+        the server's clock for the due check (tests make future rows due with it).
+        """
+        if limit < 1:
+            return []
+        rows = await self._all(_CLAIM, {"limit": limit, "busy": list(busy),
+                                        "lease": dt.timedelta(seconds=lease_s), "now": now})
+        return sorted((OutboxRow(*row) for row in rows), key=lambda r: r.id)
+
+    async def mark_delivered(self, row_id: int) -> bool:
+        """Record a successful send; ``False`` if the row was no longer pending."""
+        rows = await self._all(
+            "UPDATE outbox SET status = 'delivered', delivered_at = now(),"
+            " attempts = attempts + 1, last_error = NULL"
+            " WHERE id = %s AND status = 'pending' RETURNING id", (row_id,))
+        return bool(rows)
+
+    async def reschedule(self, row_id: int, delay_s: float, error: str) -> bool:
+        """Count a failed send and make the row due again ``delay_s`` seconds from now."""
+        rows = await self._all(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = %s,"
+            " next_attempt_at = now() + %s"
+            " WHERE id = %s AND status = 'pending' RETURNING id",
+            (error, dt.timedelta(seconds=delay_s), row_id))
+        return bool(rows)
+
+    async def release(self, row_id: int) -> bool:
+        """End the lease of a row whose send was abandoned unsent-or-unknown (cancelled): it
+        is due at once, attempts unchanged; its idempotency key makes the resend safe."""
+        rows = await self._all(
+            "UPDATE outbox SET next_attempt_at = now()"
+            " WHERE id = %s AND status = 'pending' RETURNING id", (row_id,))
+        return bool(rows)
+
+    async def mark_dead(self, row_id: int, reason: str) -> bool:
+        """Give up on a row: status ``dead`` and a dead letter with the reason and the payload,
+        in one statement (both or neither)."""
+        rows = await self._all(_MARK_DEAD, {"id": row_id, "reason": reason})
+        return bool(rows)
+
+    async def counts(self) -> dict[str, int]:
+        """Rows per status (for summaries and tests)."""
+        rows = await self._all("SELECT status, count(*) FROM outbox GROUP BY status")
+        return {str(status): int(n) for status, n in rows}
+
+
+_CLAIM = """
+WITH heads AS (
+    SELECT DISTINCT ON (coalesce(conversation_id, -id)) id, next_attempt_at,
+           coalesce(conversation_id, -id) AS lane
+    FROM outbox WHERE status = 'pending'
+    ORDER BY coalesce(conversation_id, -id), id
+), due AS (
+    SELECT o.id FROM outbox o JOIN heads h ON h.id = o.id
+    WHERE h.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
+      AND NOT (h.lane = ANY(%(busy)s::bigint[]))
+    ORDER BY h.next_attempt_at, h.id
+    LIMIT %(limit)s
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox SET next_attempt_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s
+FROM due
+WHERE outbox.id = due.id AND outbox.status = 'pending'
+  AND outbox.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
+RETURNING outbox.id, outbox.idempotency_key, outbox.kind, outbox.instance,
+          outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts
+"""
+
+_MARK_DEAD = """
+WITH dead AS (
+    UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = %(reason)s
+    WHERE id = %(id)s AND status = 'pending'
+    RETURNING instance, idempotency_key, payload
+)
+INSERT INTO dead_letters (stage, reason, origin, instance, message_id, payload)
+SELECT 'dispatch', %(reason)s, 'outbox', instance, idempotency_key, payload FROM dead
+RETURNING id
+"""

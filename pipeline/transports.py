@@ -1,0 +1,202 @@
+"""Sending one outbox row: the request each transport makes, and what its answer means.
+
+Sans-I/O first (h11's way): :func:`build_request` turns a row into an :class:`HttpRequest`
+and :func:`classify` turns a status and headers into a :class:`SendResult`, both pure and
+tested without a server. :class:`Sender` does the one HTTP call in between, bounded by
+``dispatch.timeout_s`` as a whole (httpx's own timeout is per network operation, so a server
+that trickles bytes could outlast it).
+
+A send never raises for an HTTP-level problem: timeouts, refused connections and error
+statuses all become a result, ``retry`` (the receiver may recover: timeout, connection
+error, 408, 429, 5xx) or ``final`` (it will refuse again: other 4xx, a row that cannot be
+sent). The API key and webhook secrets never appear in a result's text: they are masked in
+anything a server echoes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import httpx
+import trio
+
+from pipeline.config import DispatchConfig, InstanceConfig
+from pipeline.outbox import OutboxRow
+
+Verdict = Literal["delivered", "retry", "final"]
+
+#: how much of an error response's body a result keeps (for last_error and dead letters)
+BODY_EXCERPT_CHARS = 200
+_RETRYABLE_STATUS = frozenset({408, 429})
+_RETRY_AFTER_STATUS = frozenset({429, 503})
+
+
+@attrs.frozen
+class SendResult:
+    """What one send achieved. ``detail`` is short and safe to store and log."""
+
+    verdict: Verdict
+    detail: str
+    status: int | None = None
+    retry_after_s: float | None = None  # the receiver's Retry-After, already capped
+
+
+@attrs.frozen
+class HttpRequest:
+    """One POST, fully decided: the exact body bytes are what a webhook signature covers."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class UnsendableRow(Exception):
+    """The row cannot be turned into a request (missing text, unknown instance, ...)."""
+
+
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def signature(body: bytes, secret: str) -> str:
+    """``sha256=<hex HMAC-SHA256 of the body>``: how a customer checks an event came from us."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _text(row: OutboxRow) -> str:
+    text = row.payload.get("text")
+    if not isinstance(text, str) or not text:
+        raise UnsendableRow(f"outbox row {row.idempotency_key}: payload has no text")
+    return text
+
+
+def evolution_request(row: OutboxRow, dispatch: DispatchConfig,
+                      instance: InstanceConfig) -> HttpRequest:
+    """Evolution API ``sendText`` (answers 201 Created)."""
+    url = f"{dispatch.base_url.rstrip('/')}/message/sendText/{instance.evolution_instance}"
+    return HttpRequest(url, {"apikey": dispatch.api_key, "content-type": "application/json"},
+                       _json_bytes({"number": row.target, "text": _text(row)}))
+
+
+def cloud_request(row: OutboxRow, dispatch: DispatchConfig,
+                  instance: InstanceConfig) -> HttpRequest:
+    """Cloud API ``/<phone_number_id>/messages`` with a text message."""
+    if not instance.phone_number_id:
+        raise UnsendableRow(f"instance {instance.name!r} has no phone_number_id for cloud-api")
+    url = f"{dispatch.base_url.rstrip('/')}/{instance.phone_number_id}/messages"
+    body = {"messaging_product": "whatsapp", "to": row.target, "type": "text",
+            "text": {"body": _text(row)}}
+    return HttpRequest(url, {"authorization": f"Bearer {dispatch.api_key}",
+                             "content-type": "application/json"}, _json_bytes(body))
+
+
+def webhook_request(row: OutboxRow, instance: InstanceConfig) -> HttpRequest:
+    """The customer's webhook: the payload, signed with the instance's secret when it has one."""
+    body = _json_bytes(row.payload)
+    headers = {"content-type": "application/json", "idempotency-key": row.idempotency_key}
+    event = row.payload.get("event")
+    if isinstance(event, str) and event:
+        headers["x-pipeline-event"] = event
+    if instance.webhook_secret:
+        headers["x-pipeline-signature"] = signature(body, instance.webhook_secret)
+    return HttpRequest(row.target, headers, body)
+
+
+def build_request(row: OutboxRow, dispatch: DispatchConfig,
+                  instance: InstanceConfig) -> HttpRequest:
+    """The request for ``row`` with a real transport (``dry`` sends nothing)."""
+    if row.kind == "webhook":
+        return webhook_request(row, instance)
+    if dispatch.transport == "evolution":
+        return evolution_request(row, dispatch, instance)
+    if dispatch.transport == "cloud-api":
+        return cloud_request(row, dispatch, instance)
+    raise UnsendableRow(f"transport {dispatch.transport!r} sends nothing")
+
+
+def retry_after(value: str | None, cap_s: float) -> float | None:
+    """A ``Retry-After`` in seconds, capped at ``cap_s``; ``None`` when absent or not a
+    number of seconds (the HTTP-date form falls back to our own backoff)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, cap_s)
+
+
+def classify(status: int, headers: Mapping[str, str], body: str,
+             retry_after_cap_s: float) -> SendResult:
+    """What an HTTP answer means for the row: delivered, retry later, or give up."""
+    if 200 <= status < 300:
+        return SendResult("delivered", f"http {status}", status)
+    excerpt = body.strip()[:BODY_EXCERPT_CHARS]
+    detail = f"http {status}: {excerpt}" if excerpt else f"http {status}"
+    wait = (retry_after(headers.get("retry-after"), retry_after_cap_s)
+            if status in _RETRY_AFTER_STATUS else None)
+    if status >= 500 or status in _RETRYABLE_STATUS:
+        return SendResult("retry", detail, status, wait)
+    return SendResult("final", detail, status)
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _mask(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@attrs.frozen
+class Sender:
+    """Sends rows with one shared client (its connection pool is reused across sends)."""
+
+    dispatch: DispatchConfig
+    instances: Mapping[str, InstanceConfig]
+    client: httpx.AsyncClient
+
+    async def send(self, row: OutboxRow) -> SendResult:
+        """Send ``row`` once, within ``dispatch.timeout_s``; never raises for HTTP trouble."""
+        if self.dispatch.transport == "dry":
+            return SendResult("delivered", "dry transport: recorded, not sent")
+        instance = self.instances.get(row.instance)
+        if instance is None:
+            return SendResult("final", f"instance {row.instance!r} is not configured")
+        try:
+            request = build_request(row, self.dispatch, instance)
+        except UnsendableRow as exc:
+            return SendResult("final", str(exc))
+        secrets = (self.dispatch.api_key, instance.webhook_secret)
+        result = await self._post(request, secrets)
+        return attrs.evolve(result, detail=_mask(result.detail, secrets))
+
+    async def _post(self, request: HttpRequest, secrets: tuple[str, ...]) -> SendResult:
+        limit = self.dispatch.timeout_s
+        with trio.move_on_after(limit):
+            try:
+                response = await self.client.post(request.url, content=request.body,
+                                                  headers=request.headers)
+            except httpx.TimeoutException:
+                return SendResult("retry", f"timeout after {limit} s")
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                return SendResult("final", f"bad target url: {exc}")
+            except httpx.TransportError as exc:
+                return SendResult("retry", f"connection error: {_why(exc)}")
+            except httpx.HTTPError as exc:  # e.g. an undecodable answer: it may not have landed
+                return SendResult("retry", f"request failed: {_why(exc)}")
+            # masked before it is cut short, so no prefix of a secret survives the cut
+            return classify(response.status_code, response.headers,
+                            _mask(response.text, secrets), self.dispatch.backoff_max_s)
+        return SendResult("retry", f"timeout after {limit} s")
