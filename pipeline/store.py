@@ -365,9 +365,24 @@ _CONVERSATION_UPSERT_BODY = """
                   sender_name = coalesce(EXCLUDED.sender_name, conversations.sender_name)
     RETURNING id"""
 
-_UPSERT_CONVERSATION = """
-INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)""" + _CONVERSATION_UPSERT_BODY
+# find (update) first and insert only when there is nothing to find: an INSERT ... ON
+# CONFLICT spends a sequence value even when it conflicts, and conversation ids must not
+# depend on how turns interleave (intake opens conversations in log order)
+_FIND_OR_CREATE = """
+found AS (
+    UPDATE conversations SET last_message_at = greatest(last_message_at, %(at)s),
+                             sender_name = coalesce(%(name)s, sender_name)
+    WHERE instance = %(instance)s AND sender = %(sender)s AND status = 'open'
+    RETURNING id
+), made AS (
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
+    SELECT %(instance)s, %(sender)s, %(name)s, %(at)s WHERE NOT EXISTS (SELECT 1 FROM found)
+""" + _CONVERSATION_UPSERT_BODY + """
+), conv AS (
+    SELECT id FROM found UNION ALL SELECT id FROM made
+)"""
+
+_UPSERT_CONVERSATION = "WITH" + _FIND_OR_CREATE + " SELECT id FROM conv"
 
 # history: the last `chars` characters of the conversation before this turn
 _HISTORY_OF = """
@@ -397,11 +412,7 @@ ON CONFLICT (instance, message_id) DO NOTHING"""
 
 # mode single: everything in one statement. The reads see the snapshot taken before the
 # inserts, so the history never contains the turn itself.
-_LOAD_CONTEXT = """
-WITH conv AS (
-    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-    VALUES (%(instance)s, %(sender)s, %(name)s, %(at)s)""" + _CONVERSATION_UPSERT_BODY + """
-), stored AS (
+_LOAD_CONTEXT = "WITH" + _FIND_OR_CREATE + """, stored AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
                           sent_at)
     SELECT conv.id, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
@@ -421,10 +432,19 @@ WITH input AS (
     SELECT * FROM unnest(%(instances)s::text[], %(senders)s::text[], %(names)s::text[],
                          %(ats)s::timestamptz[], %(turns)s::text[])
              WITH ORDINALITY AS t(instance, sender, name, at, turn, ord)
-), conv AS (
+), found AS (
+    UPDATE conversations c SET last_message_at = greatest(c.last_message_at, i.at),
+                               sender_name = coalesce(i.name, c.sender_name)
+    FROM input i WHERE c.instance = i.instance AND c.sender = i.sender AND c.status = 'open'
+    RETURNING c.id, c.instance, c.sender
+), made AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-    SELECT instance, sender, name, at FROM input ORDER BY ord""" + _CONVERSATION_UPSERT_BODY \
-    + """, instance, sender
+    SELECT i.instance, i.sender, i.name, i.at FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM found f WHERE f.instance = i.instance
+                      AND f.sender = i.sender)
+    ORDER BY i.ord""" + _CONVERSATION_UPSERT_BODY + """, instance, sender
+), conv AS (
+    SELECT id, instance, sender FROM found UNION ALL SELECT id, instance, sender FROM made
 ), stored AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
                           sent_at)

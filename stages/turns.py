@@ -117,12 +117,21 @@ async def assemble_turns(
                 stats.received += 1
                 stats.queued(recv.statistics().current_buffer_used)
                 closed = buffer.add(item.message)
+            now = wall_clock() if wall_clock is not None else None
             for turn in closed:
-                await send.send(turn)
+                await send.send(_buffered(turn, now))
                 stats.sent += 1
+        now = wall_clock() if wall_clock is not None else None
         for turn in buffer.flush():
-            await send.send(turn)
+            await send.send(_buffered(turn, now))
             stats.sent += 1
+
+
+def _buffered(turn: Turn, now: dt.datetime | None) -> Turn:
+    """Record how long the turn waited in the buffer (from its first message to closing)."""
+    closed_at = now if now is not None else turn.messages[-1].received_at
+    waited = (closed_at - turn.messages[0].received_at).total_seconds() * 1000
+    return turn.timed("buffer", max(0.0, waited))
 
 
 async def _next(recv: trio.MemoryReceiveChannel[Stored], buffer: BurstBuffer,
