@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     esc.add_argument("--instance", help="list only this instance's")
     esc.add_argument("--by", default="cli", help="who resolved it (recorded)")
     esc.set_defaults(func=_cmd_escalations)
+    sub.add_parser("bench", add_help=False,
+                   help="the full-pipeline benchmark (scripts/bench.py; --help for its options)")
     db = sub.add_parser("db", parents=[cfg], help="the embedded database")
     db.add_argument("action", choices=("start", "stop", "status", "migrate", "url"))
     db.set_defaults(func=_cmd_db)
@@ -69,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # scripts/bench.py parses its own options
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return int(args.func(args, None))
@@ -88,6 +94,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def _bench(argv: list[str]) -> int:
+    """``pipeline bench``: scripts/bench.py of this checkout (a development tool, not packaged)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    if not script.exists():
+        print(f"pipeline bench: {script} not found: it runs from a source checkout",
+              file=sys.stderr)
+        return EXIT_USAGE
+    spec = importlib.util.spec_from_file_location("pipeline_bench_script", script)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv))
 
 
 def _setup_logging(cfg: Config, args: argparse.Namespace) -> None:

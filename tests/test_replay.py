@@ -54,7 +54,8 @@ async def test_same_log_same_bytes_with_many_active_conversations(
 async def test_the_bundled_sample_message_by_message(
     virtual_clock: VirtualClock, cluster: Cluster, tmp_path: Path,
 ) -> None:
-    """Regenerate after a deliberate change: pipeline replay --out tests/fixtures/sample_outcomes.jsonl"""
+    """After a deliberate change, regenerate with
+    ``pipeline replay --out tests/fixtures/sample_outcomes.jsonl`` and review the diff."""
     got = await outcomes_file(config_on(cluster, tmp_path))
     expected = GOLDEN.read_text()
     for n, (a, b) in enumerate(zip(got.splitlines(), expected.splitlines(), strict=True), 1):
