@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
+from loguru import logger
 
 from pipeline.metrics import Metrics
 
@@ -78,6 +79,7 @@ class Failure:
 
     name: str
     reason: str  # "timeout after 0.5 s" or "ValueError: ..."
+    error: BaseException | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -107,9 +109,9 @@ async def settle(ops: Mapping[str, Op[Any]], defaults: Mapping[str, Any], *,
         try:
             await _run_named(name, op, limit, metrics, values)
         except trio.TooSlowError:
-            failures[name] = Failure(name, f"timeout after {limit} s")
+            failures[name] = Failure(name, f"timeout after {limit} s", trio.TooSlowError())
         except catch as exc:
-            failures[name] = Failure(name, f"{type(exc).__name__}: {exc}")
+            failures[name] = Failure(name, f"{type(exc).__name__}: {exc}", exc)
 
     async with trio.open_nursery() as nursery:
         for name, op in ops.items():
@@ -193,3 +195,20 @@ async def retry(op: Op[T], *, retry_on: tuple[type[Exception], ...], policy: Bac
                 on_retry(attempt, exc, pause)
             await trio.sleep(pause)
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def with_retry(op: Op[T], policy: Backoff | None, what: str) -> T:
+    """``op()`` retried under ``policy`` while the database is unavailable (no policy: once).
+
+    The stages use it so that an outage makes turns wait and resume instead of failing.
+    """
+    from pipeline.db import DatabaseUnavailable  # here: the toolkit itself needs no database
+
+    if policy is None:
+        return await op()
+
+    def note(attempt: int, exc: Exception, pause: float) -> None:
+        logger.bind(stage=what).warning("{}: database unavailable ({}), retry {} in {:.1f} s",
+                                        what, exc, attempt, pause)
+
+    return await retry(op, retry_on=(DatabaseUnavailable,), policy=policy, on_retry=note)

@@ -18,6 +18,7 @@ import httpx
 import trio
 from loguru import logger
 
+from pipeline.concurrency import Backoff
 from pipeline.config import Config
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.gate import ConversationGate
@@ -61,6 +62,11 @@ def burst_buffer(cfg: Config) -> BurstBuffer:
     buf = cfg.intake.buffer
     return BurstBuffer(dt.timedelta(milliseconds=buf.window_ms), buf.max_messages,
                        dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None)
+
+
+#: while the database is unavailable, stages wait and retry (about two minutes) rather
+#: than fail their turns; a turn that still fails stays pending for the next start
+DB_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
 
 
 @attrs.frozen
@@ -137,11 +143,11 @@ class Pipeline:
         (done, done_r), (raw, raw_r), (stored, stored_r) = channel(), channel(), channel()
         (fresh, fresh_r), (turns, turns_r) = channel(), channel()
         await nursery.start(collect_outcomes, done_r, self.sink)
-        intake = Intake(self.store, instance_directory(cfg), done.clone())
+        intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY)
         await nursery.start(_closing, intake.done, batch_stage, intake, raw_r, stored.clone(),
                             m.stage("intake"), {"max_batch": cap})
         texts = TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s))
-        dedupe = Dedupe(texts, self.store, done.clone())
+        dedupe = Dedupe(texts, self.store, done.clone(), DB_RETRY)
         await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_r, fresh,
                             m.stage("dedupe"), {})
         await nursery.start(_assemble, fresh_r, turns, burst_buffer(cfg), m, self.wall_clock)
@@ -177,7 +183,7 @@ class Pipeline:
                                             min_confidence=min_conf)
             await nursery.start(loader.batcher.run)
         handlers = [
-            ("context", LoadContext(loader, gate)),
+            ("context", LoadContext(loader, gate, DB_RETRY)),
             ("escalation", Escalation(escalation_rules(cfg))),
             ("respond", Respond(responders(cfg, http))),
         ]
@@ -188,7 +194,8 @@ class Pipeline:
             await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
                                 then)
             recv = next_recv
-        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport, self.wake.notify)
+        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport, self.wake.notify,
+                            DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
 

@@ -28,9 +28,9 @@ import attrs
 import trio
 from loguru import logger
 
-from pipeline.concurrency import Failure, Settled, batches, settle
+from pipeline.concurrency import Backoff, Failure, Settled, batches, settle, with_retry
 from pipeline.config import ContextConfig, LoadConfig
-from pipeline.db import DatabaseError
+from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.gate import ConversationGate
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
@@ -44,6 +44,15 @@ DEFAULTS: dict[str, Any] = {"history": "", "webhook": "", "escalation": False,
 
 class ContextFailed(Exception):
     """A required load failed; the turn cannot go on."""
+
+
+class ContextUnavailable(ContextFailed, DatabaseUnavailable):
+    """A required load failed because the database is unavailable or slow: worth a retry."""
+
+
+def _failed(message: str, cause: BaseException | None) -> ContextFailed:
+    unavailable = isinstance(cause, (DatabaseUnavailable, trio.TooSlowError))
+    return (ContextUnavailable if unavailable else ContextFailed)(message)
 
 
 def _seconds(load: LoadConfig) -> float:
@@ -113,7 +122,8 @@ class ContextLoader:
             settled = Settled(values, tuple(failures))
         for failure in settled.failures:
             if loads[failure.name].policy == "required":  # type: ignore[index]
-                raise ContextFailed(f"required load {failure.name} failed: {failure.reason}")
+                raise _failed(f"required load {failure.name} failed: {failure.reason}",
+                              failure.error)
         v = settled.values
         return TurnContext(
             conversation_id=conv_id, history=v["history"], webhook_url=v["webhook"],
@@ -137,8 +147,8 @@ class ContextLoader:
             return await op()
         except DatabaseError as exc:
             if self.cfg.loads[name].policy == "required":  # type: ignore[index]
-                raise ContextFailed(f"required load {name} failed: {exc}") from exc
-            raise ContextFailed(f"load {name} failed and has no safe default: {exc}") from exc
+                raise _failed(f"required load {name} failed: {exc}", exc) from exc
+            raise _failed(f"load {name} failed and has no safe default: {exc}", exc) from exc
 
 
 @attrs.define
@@ -202,12 +212,14 @@ class ContextBatcher:
 
 @attrs.define
 class LoadContext:
-    """The stage: wait for the conversation's previous turn to commit, then load."""
+    """The stage: wait for the conversation's previous turn to commit, then load --
+    retrying with backoff while the database is unavailable (``retry``)."""
 
     loader: ContextLoader
     gate: ConversationGate
+    retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Turn]:
         await self.gate.enter(turn.key)  # left by dispatch, or by whoever drops the turn
-        ctx = await self.loader.load(turn)
+        ctx = await with_retry(lambda: self.loader.load(turn), self.retry, "context")
         return [attrs.evolve(turn, context=ctx)]

@@ -13,6 +13,7 @@ from collections import deque
 import attrs
 import trio
 
+from pipeline.concurrency import Backoff, with_retry
 from pipeline.records import InboundMessage, Outcome, Stored
 from pipeline.store import Store
 
@@ -58,6 +59,7 @@ class Dedupe:
     texts: TextDeduper
     store: Store
     done: trio.MemorySendChannel[Outcome]
+    retry: Backoff | None = None
 
     async def __call__(self, item: Stored) -> list[Stored]:
         msg = item.message
@@ -65,8 +67,9 @@ class Dedupe:
             await self.done.send(_duplicate(msg, "redelivered message id"))
             return []
         if self.texts.is_repeat(msg):
-            await self.store.mark_processed([(msg.instance, msg.message_id)], "duplicate",
-                                            "repeated text")
+            await with_retry(lambda: self.store.mark_processed(
+                [(msg.instance, msg.message_id)], "duplicate", "repeated text"), self.retry,
+                "dedupe")
             await self.done.send(_duplicate(msg, "repeated text"))
             return []
         return [item]

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from pipeline.concurrency import Backoff, with_retry
 from pipeline.gate import ConversationGate
 from pipeline.records import Action, Outcome, Turn
 from pipeline.store import Store, TurnEffects
@@ -82,10 +83,11 @@ class Dispatch:
     messages: dict[str, Messages]  # by instance
     transport: str
     on_commit: Callable[[], None] | None = None
+    retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
         fx = effects(turn, self.messages[turn.instance], self.transport == "dry")
-        await self.store.commit_turn(fx)
+        await with_retry(lambda: self.store.commit_turn(fx), self.retry, "dispatch")
         if self.on_commit is not None and fx.outbox and not fx.delivered:
             self.on_commit()
         self.gate.leave(turn.key)

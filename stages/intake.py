@@ -14,6 +14,7 @@ import attrs
 import trio
 from loguru import logger
 
+from pipeline.concurrency import Backoff, with_retry
 from pipeline.records import Ignored, InboundMessage, Invalid, Outcome, RawEvent, Stored
 from pipeline.store import Store
 from stages.parse import InstanceDirectory, parse_event
@@ -34,6 +35,7 @@ class Intake:
     store: Store
     directory: InstanceDirectory
     done: trio.MemorySendChannel[Outcome]
+    retry: Backoff | None = None
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Stored]:
         messages: list[InboundMessage] = []
@@ -46,7 +48,8 @@ class Intake:
                     await self._finish(item, event)
         if not messages:
             return []
-        redelivered = await self.store.store_inbound(messages)
+        redelivered = await with_retry(lambda: self.store.store_inbound(messages), self.retry,
+                                       "intake")
         return [Stored(m, r) for m, r in zip(messages, redelivered, strict=True)]
 
     async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:

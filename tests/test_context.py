@@ -15,7 +15,7 @@ from test_pipeline import log_source, make_config
 
 from pipeline.cli import sample_log
 from pipeline.config import Config, parse_config
-from pipeline.db import DatabaseUnavailable, open_pool
+from pipeline.db import DatabaseError, DatabaseUnavailable, open_pool
 from pipeline.engine import Pipeline
 from pipeline.store import Store
 from stages.outcomes import OutcomeSink
@@ -104,15 +104,20 @@ async def test_no_hold_and_wait_with_more_conversations_than_connections(
 class FaultyStore(Store):
     """The real store with one load made slow or failing (fault injection)."""
 
-    def __init__(self, store: Store, *, slow: str = "", failing: str = "") -> None:
+    def __init__(self, store: Store, *, slow: str = "", failing: str = "",
+                 outage: str = "", outage_calls: int = 0) -> None:
         super().__init__(store.pool, store.query_timeout_s)
         self.slow, self.failing = slow, failing
+        self.outage, self.outage_calls = outage, outage_calls
 
     async def _maybe(self, name: str) -> None:
         if name == self.slow:
             await trio.sleep(1)
         if name == self.failing:
-            raise DatabaseUnavailable(f"{name} load failed on purpose")
+            raise DatabaseError(f"{name} load failed on purpose")
+        if name == self.outage and self.outage_calls > 0:
+            self.outage_calls -= 1
+            raise DatabaseUnavailable(f"{name}: server closed the connection")
 
     async def load_history(self, *args: Any, **kwargs: Any) -> str:
         await self._maybe("history")
@@ -187,3 +192,13 @@ async def test_instance_cache_refreshes_in_the_background(store: Store) -> None:
                 await trio.sleep(0.01)
         assert cache.get("new") is not None
         cache.close()
+
+
+async def test_an_outage_makes_turns_wait_and_resume(store: Store, conninfo: str) -> None:
+    baseline, _ = await replay(store, mode_config("parallel"))
+    sql(conninfo, f"TRUNCATE {TABLES} CASCADE")
+    faulty = FaultyStore(store, outage="escalation", outage_calls=3)
+    outcomes, pipeline = await replay(faulty, mode_config("parallel"))
+    assert outcomes == baseline  # every turn went through once the database answered again
+    assert pipeline.metrics.counters["failed turns"] == 0
+    assert faulty.outage_calls == 0
