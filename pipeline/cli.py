@@ -23,6 +23,7 @@ from pipeline.database import DEFAULT_DBNAME, cluster_for, open_store
 from pipeline.db import DatabaseError
 from pipeline.logs import dsn_password, setup_logging
 from pipeline.pgcluster import ClusterError
+from pipeline.progress import Progress, count_lines
 from pipeline.report import ReportCollector, render_report
 from pipeline.shutdown import Shutdown, watch_signals
 
@@ -146,20 +147,25 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
         logger.info("no log given: replaying the bundled sample {}", logs[0])
     shutdown = Shutdown(cfg.pipeline.shutdown_grace_s)
     collector = ReportCollector() if args.report else None
+    progress = Progress(count_lines(logs), sys.stderr) if sys.stderr.isatty() else None
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_signals, shutdown)
             with shutdown.scope:
                 result = await replay(cfg, logs, out=out, keep_db=args.keep_db, clock=clock,
-                                      report=collector,
+                                      report=collector, progress=progress,
                                       on_pipeline=lambda p: shutdown.on_stop(p.stop_sources))
             nursery.cancel_scope.cancel()
         return None if shutdown.expired else result
 
     with ExitStack() as stack:
         out = stack.enter_context(open(args.out, "w")) if args.out else None
-        result = trio.run(main, clock=clock.make())
+        try:
+            result = trio.run(main, clock=clock.make())
+        finally:
+            if progress is not None:
+                progress.close()
     if result is None:
         logger.error("shutdown grace expired: unfinished turns were cancelled")
         return EXIT_FAILED

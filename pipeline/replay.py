@@ -32,6 +32,7 @@ from pipeline.config import Config
 from pipeline.database import DEFAULT_DBNAME, fresh_dbname, open_store
 from pipeline.engine import Inlets, Pipeline
 from pipeline.metrics import Metrics
+from pipeline.progress import Progress
 from pipeline.recorded_log import LogError, merge_logs
 from pipeline.records import Invalid, RawEvent
 from pipeline.report import ReportCollector
@@ -112,7 +113,7 @@ def _first_time(items: Iterator[RawEvent | LogError]
 
 async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None,
                  fresh: bool = True, keep_db: bool = False, clock: ClockChoice | None = None,
-                 report: ReportCollector | None = None,
+                 report: ReportCollector | None = None, progress: Progress | None = None,
                  on_pipeline: Callable[[Pipeline], None] | None = None) -> ReplayResult:
     """Replay ``logs`` (under the clock ``trio.run`` was given) and return what happened.
 
@@ -138,6 +139,8 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
                 await trio.sleep_until(timeline.due(item.received_at))
             count += 1
             await inlets.raw.send(_as_event(item))
+            if progress is not None:
+                progress.update(count)
 
     dbname = fresh_dbname() if fresh and not cfg.database.dsn else DEFAULT_DBNAME
     async with open_store(cfg.database, dbname=dbname, fresh=fresh,
