@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import io
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                     "recorded pace) or Nx (N times the recorded pace, e.g. 10x)")
     rp.add_argument("--keep-db", action="store_true", help="keep the fresh replay database")
     rp.add_argument("--report", type=Path, help="write a self-contained HTML report here")
+    rp.add_argument("--compare", type=Path, metavar="OTHER.toml",
+                    help="replay again under OTHER.toml and report the outcomes that differ")
     rp.set_defaults(func=_cmd_replay)
     cc = sub.add_parser("check-config", help="validate a config file and explain every problem")
     cc.add_argument("file", type=Path)
@@ -138,6 +141,8 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         print(f"pipeline replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.compare is not None:
+        return _compare(args, cfg, args.logs or [sample_log()])
     logs = args.logs or [sample_log()]
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
@@ -177,6 +182,34 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
         print(summary_table(result.metrics, result.elapsed_s))
     if shutdown.requests:
         print("stopped early by a signal: the rest of the log was not replayed")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace, cfg: Config, logs: Sequence[Path]) -> int:
+    from pipeline.compare import compare_outcomes, render
+    from pipeline.replay import replay
+
+    try:
+        other = load_config(args.compare)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+
+    async def both() -> tuple[str, str]:
+        texts = []
+        for config in (cfg, other):
+            out = io.StringIO()
+            await replay(config, logs, out=out)
+            texts.append(out.getvalue())
+        return texts[0], texts[1]
+
+    from pipeline.vclock import VirtualClock
+
+    a, b = trio.run(both, clock=VirtualClock())
+    name_a = str(args.config) if args.config else "default"
+    print(render(compare_outcomes(a, b), name_a, str(args.compare)))
+    if args.out:
+        args.out.write_text(b)
     return EXIT_OK
 
 
