@@ -135,7 +135,7 @@ class Store:
         await self._all(
             "INSERT INTO instances (name, phone_number_id, evolution_instance, settings)"
             " SELECT n, nullif(p, ''), nullif(e, ''), s"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[]) AS t(n, p, e, s)"
+            " FROM unnest(%b::text[], %b::text[], %b::text[], %b::jsonb[]) AS t(n, p, e, s)"
             " ON CONFLICT (name) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,"
             " evolution_instance = EXCLUDED.evolution_instance, settings = EXCLUDED.settings,"
             " updated_at = now()",
@@ -190,7 +190,7 @@ class Store:
         restart must still handle."""
         rows = await self._all(
             "SELECT received_at, id, message FROM inbox WHERE status = 'pending'"
-            " AND (%s::timestamptz IS NULL OR (received_at, id) > (%s::timestamptz, %s::bigint))"
+            " AND (%b::timestamptz IS NULL OR (received_at, id) > (%b::timestamptz, %b::bigint))"
             " ORDER BY received_at, id LIMIT %s",
             (after[0] if after else None, after[0] if after else None,
              after[1] if after else None, limit),
@@ -200,7 +200,7 @@ class Store:
     async def dead_letter(self, stage: str, invalid: Invalid, raw: str | None = None) -> None:
         await self._all(
             "INSERT INTO dead_letters (stage, reason, origin, format, raw)"
-            " VALUES (%s, %s, %s, %s, %s)",
+            " VALUES (%b, %b, %b, %b, %b)",
             (stage, f"{invalid.reason} (at {invalid.where})" if invalid.where else invalid.reason,
              invalid.origin, invalid.format, raw),
         )
@@ -209,8 +209,8 @@ class Store:
                              reason: str | None) -> None:
         """Close inbox rows that end without a Turn (e.g. repeated text)."""
         await self._all(
-            "UPDATE inbox SET status = 'processed', action = %s, reason = %s,"
-            " processed_at = now() FROM unnest(%s::text[], %s::text[]) AS k(i, m)"
+            "UPDATE inbox SET status = 'processed', action = %b, reason = %b,"
+            " processed_at = now() FROM unnest(%b::text[], %b::text[]) AS k(i, m)"
             " WHERE inbox.instance = k.i AND inbox.message_id = k.m AND status = 'pending'",
             (action, reason, [k[0] for k in keys], [k[1] for k in keys]),
         )
@@ -254,7 +254,7 @@ class Store:
 
     async def load_escalated(self, conversation_id: int, timeout: float | None = None) -> bool:
         rows = await self._all("SELECT EXISTS (SELECT 1 FROM escalations WHERE"
-                               " conversation_id = %s AND status = 'open')",
+                               " conversation_id = %b AND status = 'open')",
                                (conversation_id,), timeout)
         return bool(rows[0][0])
 
@@ -302,7 +302,7 @@ class Store:
         rows = await self._all(
             "SELECT e.id, c.instance, c.sender, e.reason, e.created_at"
             " FROM escalations e JOIN conversations c ON c.id = e.conversation_id"
-            " WHERE e.status = 'open' AND (%s::text IS NULL OR c.instance = %s)"
+            " WHERE e.status = 'open' AND (%b::text IS NULL OR c.instance = %b)"
             " ORDER BY e.created_at, e.id", (instance, instance))
         return [EscalationRow(*r) for r in rows]
 
@@ -310,7 +310,7 @@ class Store:
         """Close an open escalation so the assistant answers again; False if none was open."""
         rows = await self._all(
             "UPDATE escalations SET status = 'resolved', resolved_at = now(), resolved_by = %s"
-            " WHERE id = %s AND status = 'open' RETURNING id", (by, escalation_id))
+            " WHERE id = %b AND status = 'open' RETURNING id", (by, escalation_id))
         return bool(rows)
 
     async def commit_turn(self, fx: TurnEffects) -> None:
@@ -339,17 +339,17 @@ class Store:
 _STORE_INBOUND = """
 WITH ins AS (
     INSERT INTO inbox (instance, message_id, sender, format, received_at, message, redeliveries)
-    SELECT * FROM unnest(%(instances)s::text[], %(ids)s::text[], %(senders)s::text[],
-                         %(formats)s::text[], %(received)s::timestamptz[], %(messages)s::jsonb[],
-                         %(repeats)s::int[])
+    SELECT * FROM unnest(%(instances)b::text[], %(ids)b::text[], %(senders)b::text[],
+                         %(formats)b::text[], %(received)b::timestamptz[], %(messages)b::jsonb[],
+                         %(repeats)b::int[])
     ON CONFLICT (instance, message_id)
     DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
     RETURNING instance, message_id, (xmax = 0) AS inserted
 ), conv AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)
     SELECT c.instance, c.sender, c.name, c.at
-    FROM unnest(%(c_instances)s::text[], %(c_senders)s::text[], %(c_names)s::text[],
-                %(c_at)s::timestamptz[]) WITH ORDINALITY AS c(instance, sender, name, at, ord)
+    FROM unnest(%(c_instances)b::text[], %(c_senders)b::text[], %(c_names)b::text[],
+                %(c_at)b::timestamptz[]) WITH ORDINALITY AS c(instance, sender, name, at, ord)
     WHERE NOT EXISTS (SELECT 1 FROM conversations o WHERE o.instance = c.instance
                       AND o.sender = c.sender AND o.status = 'open')
     ORDER BY c.ord
@@ -370,13 +370,13 @@ _CONVERSATION_UPSERT_BODY = """
 # depend on how turns interleave (intake opens conversations in log order)
 _FIND_OR_CREATE = """
 found AS (
-    UPDATE conversations SET last_message_at = greatest(last_message_at, %(at)s),
-                             sender_name = coalesce(%(name)s, sender_name)
-    WHERE instance = %(instance)s AND sender = %(sender)s AND status = 'open'
+    UPDATE conversations SET last_message_at = greatest(last_message_at, %(at)b),
+                             sender_name = coalesce(%(name)b, sender_name)
+    WHERE instance = %(instance)b AND sender = %(sender)b AND status = 'open'
     RETURNING id
 ), made AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-    SELECT %(instance)s, %(sender)s, %(name)s, %(at)s WHERE NOT EXISTS (SELECT 1 FROM found)
+    SELECT %(instance)b, %(sender)b, %(name)b, %(at)b WHERE NOT EXISTS (SELECT 1 FROM found)
 """ + _CONVERSATION_UPSERT_BODY + """
 ), conv AS (
     SELECT id FROM found UNION ALL SELECT id FROM made
@@ -386,27 +386,27 @@ _UPSERT_CONVERSATION = "WITH" + _FIND_OR_CREATE + " SELECT id FROM conv"
 
 # history: the last `chars` characters of the conversation before this turn
 _HISTORY_OF = """
-    (SELECT right(string_agg(h.role || ': ' || h.body, E'\n' ORDER BY h.id), %(chars)s)
+    (SELECT right(string_agg(h.role || ': ' || h.body, E'\n' ORDER BY h.id), %(chars)b)
        FROM (SELECT id, role, body FROM messages
               WHERE conversation_id = {conv} AND turn_id IS DISTINCT FROM {turn}
               ORDER BY id DESC LIMIT 50) h)"""
 
 _FALLBACKS_OF = """
-    (SELECT array_agg((a.fallback OR a.confidence < %(min_conf)s) ORDER BY a.id DESC)
+    (SELECT array_agg((a.fallback OR a.confidence < %(min_conf)b) ORDER BY a.id DESC)
        FROM (SELECT id, fallback, confidence FROM ai_interactions
               WHERE conversation_id = {conv} AND turn_id <> {turn}
-              ORDER BY id DESC LIMIT %(n)s) a)"""
+              ORDER BY id DESC LIMIT %(n)b) a)"""
 
 _ESCALATED_OF = """
     EXISTS (SELECT 1 FROM escalations e WHERE e.conversation_id = {conv} AND e.status = 'open')"""
 
-_HISTORY = "SELECT" + _HISTORY_OF.format(conv="%(conv)s", turn="%(turn)s")
-_FALLBACKS = "SELECT" + _FALLBACKS_OF.format(conv="%(conv)s", turn="%(turn)s")
+_HISTORY = "SELECT" + _HISTORY_OF.format(conv="%(conv)b", turn="%(turn)b")
+_FALLBACKS = "SELECT" + _FALLBACKS_OF.format(conv="%(conv)b", turn="%(turn)b")
 
 _STORE_MESSAGES = """
 INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id, sent_at)
-SELECT %(conv)s, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
-FROM unnest(%(ids)s::text[], %(kinds)s::text[], %(bodies)s::text[], %(sent)s::timestamptz[])
+SELECT %(conv)b, %(instance)b, t.id, 'user', t.kind, t.body, %(turn)b, t.sent
+FROM unnest(%(ids)b::text[], %(kinds)b::text[], %(bodies)b::text[], %(sent)b::timestamptz[])
      AS t(id, kind, body, sent)
 ON CONFLICT (instance, message_id) DO NOTHING"""
 
@@ -415,22 +415,22 @@ ON CONFLICT (instance, message_id) DO NOTHING"""
 _LOAD_CONTEXT = "WITH" + _FIND_OR_CREATE + """, stored AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
                           sent_at)
-    SELECT conv.id, %(instance)s, t.id, 'user', t.kind, t.body, %(turn)s, t.sent
-    FROM conv, unnest(%(ids)s::text[], %(kinds)s::text[], %(bodies)s::text[],
-                      %(sent)s::timestamptz[]) AS t(id, kind, body, sent)
+    SELECT conv.id, %(instance)b, t.id, 'user', t.kind, t.body, %(turn)b, t.sent
+    FROM conv, unnest(%(ids)b::text[], %(kinds)b::text[], %(bodies)b::text[],
+                      %(sent)b::timestamptz[]) AS t(id, kind, body, sent)
     ON CONFLICT (instance, message_id) DO NOTHING
 )
-SELECT conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="%(turn)s") + """,
-    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)s),""" \
+SELECT conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="%(turn)b") + """,
+    (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)b),""" \
     + _ESCALATED_OF.format(conv="conv.id") + "," \
-    + _FALLBACKS_OF.format(conv="conv.id", turn="%(turn)s") + """
+    + _FALLBACKS_OF.format(conv="conv.id", turn="%(turn)b") + """
 FROM conv"""
 
 # mode batched: the same for many turns (one per conversation) in one statement
 _LOAD_CONTEXTS = """
 WITH input AS (
-    SELECT * FROM unnest(%(instances)s::text[], %(senders)s::text[], %(names)s::text[],
-                         %(ats)s::timestamptz[], %(turns)s::text[])
+    SELECT * FROM unnest(%(instances)b::text[], %(senders)b::text[], %(names)b::text[],
+                         %(ats)b::timestamptz[], %(turns)b::text[])
              WITH ORDINALITY AS t(instance, sender, name, at, turn, ord)
 ), found AS (
     UPDATE conversations c SET last_message_at = greatest(c.last_message_at, i.at),
@@ -449,8 +449,8 @@ WITH input AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
                           sent_at)
     SELECT conv.id, input.instance, m.id, 'user', m.kind, m.body, m.turn, m.sent
-    FROM unnest(%(m_turns)s::text[], %(m_ids)s::text[], %(m_kinds)s::text[],
-                %(m_bodies)s::text[], %(m_sent)s::timestamptz[]) AS m(turn, id, kind, body, sent)
+    FROM unnest(%(m_turns)b::text[], %(m_ids)b::text[], %(m_kinds)b::text[],
+                %(m_bodies)b::text[], %(m_sent)b::timestamptz[]) AS m(turn, id, kind, body, sent)
     JOIN input ON input.turn = m.turn
     JOIN conv ON conv.instance = input.instance AND conv.sender = input.sender
     ON CONFLICT (instance, message_id) DO NOTHING
@@ -466,32 +466,32 @@ _COMMIT_TURN = """
 WITH ai AS (
     INSERT INTO ai_interactions (conversation_id, turn_id, responder, prompt, reply, confidence,
                                  fallback)
-    SELECT %(conv)s, %(turn)s, %(responder)s, %(prompt)s, %(ai_reply)s, %(confidence)s,
-           %(fallback)s
-    WHERE %(has_ai)s
+    SELECT %(conv)b, %(turn)b, %(responder)b, %(prompt)b, %(ai_reply)b, %(confidence)b,
+           %(fallback)b
+    WHERE %(has_ai)b
     ON CONFLICT (turn_id) DO NOTHING
 ), said AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id)
-    SELECT %(conv)s, %(instance)s, %(reply_id)s, 'assistant', 'text', %(reply_text)s, %(turn)s
-    WHERE %(reply_text)s::text IS NOT NULL
+    SELECT %(conv)b, %(instance)b, %(reply_id)b, 'assistant', 'text', %(reply_text)b, %(turn)b
+    WHERE %(reply_text)b::text IS NOT NULL
     ON CONFLICT (instance, message_id) DO NOTHING
 ), esc AS (
     INSERT INTO escalations (conversation_id, reason, turn_id)
-    SELECT %(conv)s, %(reason)s, %(turn)s
-    WHERE %(escalate)s
+    SELECT %(conv)b, %(reason)b, %(turn)b
+    WHERE %(escalate)b
     ON CONFLICT (conversation_id) WHERE status = 'open' DO NOTHING
 ), ob AS (
     INSERT INTO outbox (idempotency_key, kind, instance, conversation_id, target, payload,
                         status, delivered_at)
-    SELECT k, kd, %(instance)s, %(conv)s, tg, p, %(ob_status)s,
-           CASE WHEN %(ob_status)s = 'delivered' THEN now() END
-    FROM unnest(%(ob_keys)s::text[], %(ob_kinds)s::text[], %(ob_targets)s::text[],
-                %(ob_payloads)s::jsonb[]) AS o(k, kd, tg, p)
+    SELECT k, kd, %(instance)b, %(conv)b, tg, p, %(ob_status)b,
+           CASE WHEN %(ob_status)b = 'delivered' THEN now() END
+    FROM unnest(%(ob_keys)b::text[], %(ob_kinds)b::text[], %(ob_targets)b::text[],
+                %(ob_payloads)b::jsonb[]) AS o(k, kd, tg, p)
     ON CONFLICT (idempotency_key) DO NOTHING
 )
-UPDATE inbox SET status = 'processed', action = a.action, turn_id = %(turn)s,
-                 reason = CASE WHEN a.action = 'merged' THEN NULL ELSE %(reason)s END,
+UPDATE inbox SET status = 'processed', action = a.action, turn_id = %(turn)b,
+                 reason = CASE WHEN a.action = 'merged' THEN NULL ELSE %(reason)b END,
                  processed_at = now()
-FROM unnest(%(ids)s::text[], %(actions)s::text[]) AS a(id, action)
-WHERE inbox.instance = %(instance)s AND inbox.message_id = a.id AND inbox.status = 'pending'
+FROM unnest(%(ids)b::text[], %(actions)b::text[]) AS a(id, action)
+WHERE inbox.instance = %(instance)b AND inbox.message_id = a.id AND inbox.status = 'pending'
 """
