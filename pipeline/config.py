@@ -210,7 +210,9 @@ class ContextConfig:
     history_chars: int = setting(800, "most characters of history loaded", ge=0)
     recent_interactions: int = setting(5, "AI interactions loaded", ge=0)
     batch_size: int = setting(64, "largest batch (batched mode)", ge=1)
-    batch_delay_ms: float = setting(2.0, "longest wait to fill a batch (batched mode)", ge=0)
+    batch_delay_ms: float = setting(0.0, "extra wait to fill a batch (batched mode); 0 = a "
+                                    "batch leaves as soon as a connection is free, with the "
+                                    "turns that queued meanwhile", ge=0)
     instance_cache_ttl_s: float = setting(30.0, "instance settings are cached this long", gt=0)
     loads: dict[LoadName, LoadConfig] = setting(attrs.Factory(_default_loads),
                                                 "per-query timeout and failure policy")

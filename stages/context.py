@@ -28,7 +28,7 @@ import attrs
 import trio
 from loguru import logger
 
-from pipeline.concurrency import Backoff, Failure, Settled, batches, settle, with_retry
+from pipeline.concurrency import Backoff, Failure, Settled, settle, with_retry
 from pipeline.config import ContextConfig, LoadConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.gate import ConversationGate
@@ -184,15 +184,41 @@ class ContextBatcher:
         self._send.close()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve batches until :meth:`close` (then the queue drains and this returns)."""
+        """Serve batches until :meth:`close` (then the queue drains and this returns).
+
+        A batch leaves as soon as one of ``concurrency`` slots is free: at low load a turn
+        waits for nobody (one round trip), and turns that arrive while every slot is busy
+        form the next batch by themselves. ``batch_delay_ms`` > 0 additionally waits that
+        long for a batch to fill."""
         slots = trio.Semaphore(self.concurrency)
+        delay = self.cfg.batch_delay_ms / 1000
         async with trio.open_nursery() as nursery:
             task_status.started()
             async with self._recv:
-                async for batch in batches(self._recv, max_size=self.cfg.batch_size,
-                                           max_delay=self.cfg.batch_delay_ms / 1000):
-                    await slots.acquire()
+                async for first in self._recv:
+                    await slots.acquire()  # meanwhile, the next batch gathers in the channel
+                    batch = [first, *self._waiting()]
+                    if delay > 0 and len(batch) < self.cfg.batch_size:
+                        with trio.move_on_after(delay):
+                            await self._fill(batch)
                     nursery.start_soon(self._serve, batch, slots)
+
+    def _waiting(self) -> list[Any]:
+        """What is queued already, up to a full batch (after the first)."""
+        more: list[Any] = []
+        while len(more) < self.cfg.batch_size - 1:
+            try:
+                more.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return more
+
+    async def _fill(self, batch: list[Any]) -> None:
+        while len(batch) < self.cfg.batch_size:
+            try:
+                batch.append(await self._recv.receive())
+            except trio.EndOfChannel:
+                return
 
     async def _serve(self, batch: list[tuple[Turn, Any]], slots: trio.Semaphore) -> None:
         try:
