@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from loguru import logger
 
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="virtual (default: recorded time, as fast as possible), real (the "
                     "recorded pace) or Nx (N times the recorded pace, e.g. 10x)")
     rp.add_argument("--keep-db", action="store_true", help="keep the fresh replay database")
+    rp.add_argument("--db", metavar="DSN", help="replay into this database instead of a fresh "
+                    "one in the embedded cluster (used as it is: nothing is dropped)")
     rp.add_argument("--report", type=Path, help="write a self-contained HTML report here")
     rp.add_argument("--compare", type=Path, metavar="OTHER.toml",
                     help="replay again under OTHER.toml and report the outcomes that differ")
@@ -141,6 +144,8 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         print(f"pipeline replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.db:
+        cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=args.db))
     if args.compare is not None:
         return _compare(args, cfg, args.logs or [sample_log()])
     logs = args.logs or [sample_log()]

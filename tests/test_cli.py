@@ -161,3 +161,17 @@ def test_run_serves_webhooks_and_drains_on_sigterm(config_file: Path, tmp_path: 
     [log] = (tmp_path / "rec").iterdir()
     replayed = run("replay", "--config", str(config_file), str(log))
     assert replayed.returncode == 0 and "replied=1" in replayed.stdout
+
+
+def test_replay_into_a_given_database(config_file: Path, cluster: Cluster) -> None:
+    import psycopg
+
+    with psycopg.connect(cluster.conninfo(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS t_replay_db")
+        admin.execute("CREATE DATABASE t_replay_db TEMPLATE pipeline_template")
+    done = run("replay", "--config", str(config_file), "--db", cluster.conninfo("t_replay_db"))
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(cluster.conninfo("t_replay_db")) as conn:
+        row = conn.execute("SELECT count(*) FROM inbox").fetchone()
+    assert row is not None and row[0] > 0
+    assert "database: (dsn)" in done.stdout
