@@ -15,6 +15,7 @@ import trio
 from loguru import logger
 
 from pipeline.config import Config
+from pipeline.db import open_pool
 from pipeline.engine import Inlets, Source, instance_directory
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder
@@ -24,6 +25,7 @@ from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, LiveIntake
 
 PAGE = 500
+ACK_CONNECTIONS = 2
 
 
 async def recover_pending(store: Store, inlets: Inlets) -> int:
@@ -54,12 +56,18 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
             await inlets.stopping.wait()
             return
         recorder = LogRecorder(cfg.webhook.record_dir) if cfg.webhook.record_dir else None
-        app = WebhookApp(cfg.webhook, LiveIntake(store, instance_directory(cfg)),
-                         partial(_handover, inlets), metrics.stage("webhook"), recorder)
         if not cfg.webhook.app_secret:
             logger.warning("[webhook] app_secret is empty: Cloud API signatures are not checked")
         try:
-            async with trio.open_nursery() as nursery:
+            # the acknowledgements get connections of their own, so that they never queue
+            # behind the turns' work (the pipeline then uses pool_size + ACK_CONNECTIONS)
+            async with open_pool(store.pool.conninfo, ACK_CONNECTIONS,
+                                 connect_timeout_s=cfg.database.connect_timeout_s) as acks, \
+                    trio.open_nursery() as nursery:
+                intake = LiveIntake(Store(acks, cfg.database.query_timeout_s),
+                                    instance_directory(cfg))
+                app = WebhookApp(cfg.webhook, intake, partial(_handover, inlets),
+                                 metrics.stage("webhook"), recorder)
                 url = await nursery.start(partial(
                     serve, app, cfg.webhook.host, cfg.webhook.port,
                     grace_s=cfg.pipeline.shutdown_grace_s, stopping=inlets.stopping))
