@@ -33,8 +33,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def sample_log() -> Path:
-    """The small log bundled with the package (replayed when no LOG is given)."""
+    """The small sample log bundled with the package (107 events; the tests use it)."""
     return Path(str(resources.files("pipeline") / "data" / "sample.jsonl"))
+
+
+def bundled_day() -> Path:
+    """A realistic business day of two instances (3,492 events; ``scripts/gen_day.py``),
+    replayed when no LOG is given."""
+    return Path(str(resources.files("pipeline") / "data" / "day.jsonl"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="write one outcome line per message here")
     run.set_defaults(func=_cmd_run)
     rp = sub.add_parser("replay", parents=[cfg], help="replay recorded message logs")
-    rp.add_argument("logs", nargs="*", type=Path, help="JSONL logs (default: the bundled sample)")
+    rp.add_argument("logs", nargs="*", type=Path,
+                    help="JSONL logs (default: the bundled day, pipeline/data/day.jsonl)")
     rp.add_argument("--out", type=Path, help="write one outcome line per message here")
     rp.add_argument("--clock", default="virtual",
                     help="virtual (default: recorded time, as fast as possible), real (the "
@@ -146,15 +153,15 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_USAGE
     if args.db:
         cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=args.db))
-    if args.compare is not None:
-        return _compare(args, cfg, args.logs or [sample_log()])
-    logs = args.logs or [sample_log()]
+    logs = args.logs or [bundled_day()]
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
         print(f"pipeline replay: no such log file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.compare is not None:
+        return _compare(args, cfg, logs)
     if not args.logs:
-        logger.info("no log given: replaying the bundled sample {}", logs[0])
+        logger.info("no log given: replaying the bundled day {}", logs[0])
     shutdown = Shutdown(cfg.pipeline.shutdown_grace_s)
     collector = ReportCollector() if args.report else None
     progress = Progress(count_lines(logs), sys.stderr) if sys.stderr.isatty() else None

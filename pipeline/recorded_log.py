@@ -123,7 +123,8 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     except RecursionError as exc:
         raise _BadLine("line is nested too deeply") from exc
     except json.JSONDecodeError as exc:
-        raise _BadLine(f"line is not valid json: {exc.msg.lower()} at column {exc.colno}") from exc
+        message = exc.msg.lower().removesuffix(" at")  # some messages end in "at" already
+        raise _BadLine(f"line is not valid json: {message} at column {exc.colno}") from exc
     except ValueError as exc:  # e.g. an integer with too many digits
         raise _BadLine(f"line is not valid json: {str(exc).lower()}") from exc
     if not isinstance(record, dict):

@@ -172,7 +172,9 @@ def summary(result: ReplayResult, *, kept: bool) -> str:
         lines.append("escalations:")
         lines += [f"  {n} x {reason}" for reason, n in sink.escalations.most_common()]
     if sink.invalid:
-        lines.append("invalid:")
+        more = sink.actions["invalid"] - len(sink.invalid)
+        lines.append("invalid:" + (f" (the first {len(sink.invalid)} of "
+                                   f"{sink.actions['invalid']})" if more else ""))
         lines += [f"  {line}" for line in sink.invalid]
     failed = result.metrics.counters["failed turns"]
     if failed:

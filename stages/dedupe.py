@@ -1,4 +1,5 @@
-"""Duplicate suppression: redelivered message ids, and the same text repeated within a window.
+"""Duplicate suppression: redelivered message ids, and the same text repeated within a window
+(and reactions, which need no answer, leave here too).
 
 Redeliveries are found by the inbox write (one row per (instance, message id)); this module
 holds the pure text rule. Memory is bounded by the window: entries older than it are dropped
@@ -16,6 +17,10 @@ import trio
 from pipeline.concurrency import Backoff, with_retry
 from pipeline.records import InboundMessage, Outcome, Stored
 from pipeline.store import Store
+
+#: kinds of user message that ask for no answer: stored, then ``ignored`` (an assistant that
+#: answered a reaction with "sorry, I did not understand" would also count it as a failure)
+NOTHING_TO_ANSWER = frozenset({"reaction"})
 
 
 def normalise(text: str) -> str:
@@ -65,6 +70,13 @@ class Dedupe:
         msg = item.message
         if item.redelivered:
             await self.done.send(_duplicate(msg, "redelivered message id"))
+            return []
+        if msg.kind in NOTHING_TO_ANSWER:
+            reason = f"{msg.kind}: nothing to answer"
+            await with_retry(lambda: self.store.mark_processed(
+                [(msg.instance, msg.message_id)], "ignored", reason), self.retry, "dedupe")
+            await self.done.send(Outcome("ignored", msg.message_id, msg.instance, msg.sender,
+                                         reason=reason, origin=msg.origin))
             return []
         if self.texts.is_repeat(msg):
             await with_retry(lambda: self.store.mark_processed(

@@ -42,7 +42,7 @@ class OutcomeSink:
     actions: Counter[str] = attrs.field(factory=Counter)
     per_instance: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     escalations: Counter[str] = attrs.field(factory=Counter)
-    invalid: list[str] = attrs.field(factory=list)
+    invalid: list[str] = attrs.field(factory=list)  # the first few, as "file:line: reason"
     total: int = 0
     lines: list[Any] = attrs.field(factory=list)  # for tests that parse what was written
     t0: float = 0.0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import sample_log
 from pipeline.config import embedded_default
 from pipeline.pgcluster import Cluster
 
@@ -36,7 +37,7 @@ def config_file(tmp_path: Path, cluster: Cluster) -> Path:
 def test_replay_sample_prints_summary_and_writes_outcomes(config_file: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "outcomes.jsonl"
-    done = run("replay", "--config", str(config_file), "--out", str(out))
+    done = run("replay", "--config", str(config_file), "--out", str(out), str(sample_log()))
     assert done.returncode == 0, done.stderr
     assert re.search(r"^replayed 107 events in ", done.stdout, re.M)
     assert re.search(r"^actions: duplicate=\d+, escalated=\d+, held=\d+, ignored=\d+, "
@@ -122,7 +123,8 @@ def test_json_logs_never_show_secrets(config_file: Path) -> None:
     text = config_file.read_text().replace('app_secret = ""', f'app_secret = "{secret}"')
     config_file.write_text(text)
     done = run("--log-format", "json", "--log-level", "DEBUG", "replay", "--config",
-               str(config_file), env={"PIPELINE_RESOLVE_TOKEN": "resolve-token-value"})
+               str(config_file), str(sample_log()),
+               env={"PIPELINE_RESOLVE_TOKEN": "resolve-token-value"})
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stderr.splitlines()]
     assert records and all("record" in r for r in records)
@@ -169,7 +171,8 @@ def test_replay_into_a_given_database(config_file: Path, cluster: Cluster) -> No
     with psycopg.connect(cluster.conninfo(), autocommit=True) as admin:
         admin.execute("DROP DATABASE IF EXISTS t_replay_db")
         admin.execute("CREATE DATABASE t_replay_db TEMPLATE pipeline_template")
-    done = run("replay", "--config", str(config_file), "--db", cluster.conninfo("t_replay_db"))
+    done = run("replay", "--config", str(config_file), "--db", cluster.conninfo("t_replay_db"),
+               str(sample_log()))
     assert done.returncode == 0, done.stderr
     with psycopg.connect(cluster.conninfo("t_replay_db")) as conn:
         row = conn.execute("SELECT count(*) FROM inbox").fetchone()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.cli import sample_log
 from pipeline.compare import compare_outcomes, render
 from pipeline.config import embedded_default
 from pipeline.pgcluster import Cluster
@@ -46,7 +47,8 @@ def test_cli_compare_on_the_sample(cluster: Cluster, tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text(text.replace('"gerente"]', '"gerente", "frete"]'))
     done = subprocess.run([sys.executable, "-m", "pipeline", "replay", "--config", str(base),
-                           "--compare", str(other)], capture_output=True, text=True, timeout=120)
+                           "--compare", str(other), str(sample_log())],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
     assert re.fullmatch(r"compared \d+ messages: [1-9]\d* differ \(.*base\.toml -> .*other"
