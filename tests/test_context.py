@@ -169,8 +169,8 @@ async def test_batched_mode_shares_statements(store: Store) -> None:
     await pipeline.run(log_source(sample_log()))
     assert pipeline.loader is not None and pipeline.loader.batcher is not None
     sizes = pipeline.loader.batcher.batch_sizes
-    assert sum(sizes) == pipeline.metrics.stages["context"].received == 79
-    assert max(sizes) > 1 and len(sizes) < 79  # fewer statements than turns
+    assert sum(sizes) == pipeline.metrics.stages["context"].received == 78
+    assert max(sizes) > 1 and len(sizes) < 78  # fewer statements than turns
     assert sink.actions["replied"] > 0
 
 
