@@ -32,7 +32,7 @@ import httpx
 import trio
 from loguru import logger
 
-from pipeline.concurrency import Backoff
+from pipeline.concurrency import Backoff, with_retry
 from pipeline.config import Config, DispatchConfig, InstanceConfig
 from pipeline.db import DatabaseError
 from pipeline.outbox import OutboxRow, OutboxStore
@@ -40,6 +40,9 @@ from pipeline.transports import Sender, SendResult
 
 if TYPE_CHECKING:
     from loguru import Logger
+
+#: how long a finished send keeps trying to record its result during a database outage
+RECORD_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
 
 #: lease of a claimed row beyond the send and the statement that records it
 LEASE_MARGIN_S = 1.0
@@ -188,10 +191,13 @@ class _Delivery:
             _log(row).error("cannot release cancelled send of {}: {}", row.idempotency_key, exc)
 
     async def _record(self, row: OutboxRow, result: SendResult) -> None:
+        """Record what the send did; while the database is unavailable keep trying (the
+        lane stays busy here meanwhile), because a send that is not recorded is sent again
+        once the row's lease ends, and the user would get the same reply twice."""
         step = next_step(result, row.attempts, self.policy, self.rng)
         try:
-            await self._apply(row, step)
-        except DatabaseError as exc:  # sent again when the lease ends, same idempotency key
+            await with_retry(lambda: self._apply(row, step), RECORD_RETRY, "delivery")
+        except DatabaseError as exc:  # sent again when the lease ends
             self.stats.db_errors += 1
             _log(row).error("cannot record {} of {}: {}", step.action, row.idempotency_key, exc)
 

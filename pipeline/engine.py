@@ -64,6 +64,8 @@ def burst_buffer(cfg: Config) -> BurstBuffer:
                        dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None)
 
 
+_TURN_ACTIONS = frozenset({"replied", "escalated", "held", "merged"})
+
 #: while the database is unavailable, stages wait and retry (about two minutes) rather
 #: than fail their turns; a turn that still fails stays pending for the next start
 DB_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
@@ -110,6 +112,12 @@ class Pipeline:
     wake: Notifier = attrs.field(factory=Notifier, init=False)
     deliveries: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
     loader: ContextLoader | None = attrs.field(default=None, init=False)
+    dedupe: Dedupe | None = attrs.field(default=None, init=False)
+
+    def _finished(self, outcome: Outcome, _at: float) -> None:
+        """A turn's message is done: dedupe no longer counts it as in flight."""
+        if outcome.action in _TURN_ACTIONS and self.dedupe and outcome.message_id:
+            self.dedupe.finished(outcome.instance or "", outcome.message_id)
 
     def stop_sources(self) -> None:
         """Ask every source to stop reading; what they already handed over is finished."""
@@ -147,7 +155,8 @@ class Pipeline:
         await nursery.start(_closing, intake.done, batch_stage, intake, raw_r, stored.clone(),
                             m.stage("intake"), {"max_batch": cap})
         texts = TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s))
-        dedupe = Dedupe(texts, self.store, done.clone(), DB_RETRY)
+        dedupe = self.dedupe = Dedupe(texts, self.store, done.clone(), DB_RETRY)
+        self.sink.observers.append(self._finished)
         await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_r, fresh,
                             m.stage("dedupe"), {})
         await nursery.start(_assemble, fresh_r, turns, burst_buffer(cfg), m, self.wall_clock)
@@ -162,6 +171,9 @@ class Pipeline:
 
         async def drop_turn(turn: Turn, exc: Exception) -> list[Any]:
             gate.leave(turn.key)
+            for msg in turn.messages:  # pending again: a redelivery may bring it back
+                if self.dedupe is not None:
+                    self.dedupe.finished(msg.instance, msg.message_id)
             logger.bind(stage="turn", conversation=turn.key).error(
                 "turn {} of {}/{} failed and stays pending in the inbox: {}",
                 turn.turn_id, turn.instance, turn.sender, exc)

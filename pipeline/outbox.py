@@ -44,9 +44,14 @@ class OutboxRow:
 
     @property
     def lane(self) -> int:
-        """The key of its ordered queue: the conversation, or the row itself when it has none
-        (the same expression as the claim statement and the ``outbox_pending_lane`` index)."""
-        return self.conversation_id if self.conversation_id is not None else -self.id
+        """The key of its ordered queue: per conversation, one queue for what goes to the
+        user (replies, hand-overs) and one for the customer's webhook events, so a slow
+        customer endpoint never delays a reply; a row without a conversation is its own
+        queue. The same expression as the claim statement and the ``outbox_pending_lane``
+        index (migration 0003)."""
+        if self.conversation_id is None:
+            return -self.id
+        return self.conversation_id * 2 + (1 if self.kind == "webhook" else 0)
 
 
 class OutboxStore:
@@ -127,12 +132,15 @@ class OutboxStore:
         return {str(status): int(n) for status, n in rows}
 
 
+#: the queue a row is in (see OutboxRow.lane; the index of migration 0003 is on it)
+_LANE = ("CASE WHEN conversation_id IS NULL THEN -id"
+         " ELSE conversation_id * 2 + (kind = 'webhook')::int END")
+
 _CLAIM = """
 WITH heads AS (
-    SELECT DISTINCT ON (coalesce(conversation_id, -id)) id, next_attempt_at,
-           coalesce(conversation_id, -id) AS lane
+    SELECT DISTINCT ON ({lane}) id, next_attempt_at, {lane} AS lane
     FROM outbox WHERE status = 'pending'
-    ORDER BY coalesce(conversation_id, -id), id
+    ORDER BY {lane}, id
 ), due AS (
     SELECT o.id FROM outbox o JOIN heads h ON h.id = o.id
     WHERE h.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
@@ -147,7 +155,7 @@ WHERE outbox.id = due.id AND outbox.status = 'pending'
   AND outbox.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
 RETURNING outbox.id, outbox.idempotency_key, outbox.kind, outbox.instance,
           outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts
-"""
+""".replace("{lane}", _LANE)
 
 _MARK_DEAD = """
 WITH dead AS (

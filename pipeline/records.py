@@ -112,10 +112,12 @@ Parsed = InboundMessage | Ignored | Invalid
 
 @attrs.frozen
 class Stored:
-    """An inbound message after the inbox write: ``redelivered`` when its id was already there."""
+    """An inbound message after the inbox write: ``redelivered`` when its id was already
+    there; ``pending`` when its inbox row is not processed yet."""
 
     message: InboundMessage
     redelivered: bool
+    pending: bool = True
 
     @property
     def key(self) -> tuple[str, str]:

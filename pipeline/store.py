@@ -20,7 +20,7 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
-from pipeline.records import Action, InboundMessage, Invalid, Turn, TurnContext
+from pipeline.records import Action, InboundMessage, Invalid, Stored, Turn, TurnContext
 
 
 class QueryTimeout(DatabaseUnavailable):
@@ -148,8 +148,9 @@ class Store:
                                " coalesce(evolution_instance, ''), settings FROM instances")
         return [InstanceRow(r[0], r[1], r[2], r[3]) for r in rows]
 
-    async def store_inbound(self, messages: Sequence[InboundMessage]) -> list[bool]:
-        """Write messages to the inbox; return for each whether it was a redelivery.
+    async def store_inbound(self, messages: Sequence[InboundMessage]) -> list[Stored]:
+        """Write messages to the inbox; return each as :class:`Stored`: whether it was a
+        redelivery, and whether its row is still pending (not processed yet).
 
         One statement for the whole batch; a repeated id (in the batch or already stored)
         only bumps the row's redelivery counter. The same statement opens the conversation
@@ -179,8 +180,11 @@ class Store:
             "c_at": [m.received_at for m in senders.values()],
         })
         inserted = {(r[0], r[1]) for r in rows if r[2]}
+        pending = {(r[0], r[1]) for r in rows if r[3]}
         return [
-            not (first[(m.instance, m.message_id)] == i and (m.instance, m.message_id) in inserted)
+            Stored(m, redelivered=not (first[(m.instance, m.message_id)] == i
+                                       and (m.instance, m.message_id) in inserted),
+                   pending=(m.instance, m.message_id) in pending)
             for i, m in enumerate(messages)
         ]
 
@@ -344,7 +348,7 @@ WITH ins AS (
                          %(repeats)b::int[])
     ON CONFLICT (instance, message_id)
     DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
-    RETURNING instance, message_id, (xmax = 0) AS inserted
+    RETURNING instance, message_id, (xmax = 0) AS inserted, status = 'pending' AS pending
 ), conv AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)
     SELECT c.instance, c.sender, c.name, c.at
@@ -355,7 +359,7 @@ WITH ins AS (
     ORDER BY c.ord
     ON CONFLICT (instance, sender) WHERE status = 'open' DO NOTHING
 )
-SELECT instance, message_id, inserted FROM ins
+SELECT instance, message_id, inserted, pending FROM ins
 """
 
 _CONVERSATION_UPSERT_BODY = """

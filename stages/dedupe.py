@@ -65,10 +65,18 @@ class Dedupe:
     store: Store
     done: trio.MemorySendChannel[Outcome]
     retry: Backoff | None = None
+    #: messages handed on and not finished yet, so that a redelivery of a message whose
+    #: inbox row is pending but that no turn holds (its first write's answer was lost)
+    #: is handed on instead of dropped -- and one that a turn holds is not handed on twice
+    in_flight: set[tuple[str, str]] = attrs.field(factory=set)
+
+    def finished(self, instance: str, message_id: str) -> None:
+        self.in_flight.discard((instance, message_id))
 
     async def __call__(self, item: Stored) -> list[Stored]:
         msg = item.message
-        if item.redelivered:
+        key = (msg.instance, msg.message_id)
+        if item.redelivered and not (item.pending and key not in self.in_flight):
             await self.done.send(_duplicate(msg, "redelivered message id"))
             return []
         if msg.kind in NOTHING_TO_ANSWER:
@@ -84,6 +92,7 @@ class Dedupe:
                 "dedupe")
             await self.done.send(_duplicate(msg, "repeated text"))
             return []
+        self.in_flight.add(key)
         return [item]
 
 

@@ -48,9 +48,8 @@ class Intake:
                     await self._finish(item, event)
         if not messages:
             return []
-        redelivered = await with_retry(lambda: self.store.store_inbound(messages), self.retry,
-                                       "intake")
-        return [Stored(m, r) for m, r in zip(messages, redelivered, strict=True)]
+        return await with_retry(lambda: self.store.store_inbound(messages), self.retry,
+                                "intake")
 
     async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:
         if isinstance(item, Invalid):
@@ -95,8 +94,7 @@ class LiveIntake:
         messages = [p for p in parsed if isinstance(p, InboundMessage)]
         invalid = tuple(p for p in parsed if isinstance(p, Invalid))
         finished_parts = tuple(finished(p) for p in parsed if not isinstance(p, InboundMessage))
-        redelivered = await self.store.store_inbound(messages) if messages else []
+        stored = await self.store.store_inbound(messages) if messages else []
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
-        stored = tuple(Stored(m, r) for m, r in zip(messages, redelivered, strict=True))
-        return Accepted(stored, finished_parts, invalid)
+        return Accepted(tuple(stored), finished_parts, invalid)

@@ -504,7 +504,8 @@ async def test_claim_takes_only_each_conversations_due_head(outbox: OutboxStore,
     add_row(conninfo, "b2", b, "B")
     c1 = add_row(conninfo, "c1", c, "C")
     orphan = add_row(conninfo, "o1", None, "X")
-    assert [r.id for r in await outbox.claim(10, busy=[c], lease_s=30)] == [a1, orphan]
+    busy = [c * 2]  # the lane of conversation C's replies (its webhook events: c * 2 + 1)
+    assert [r.id for r in await outbox.claim(10, busy=busy, lease_s=30)] == [a1, orphan]
     assert await outbox.claim(10, lease_s=30) == [await _row(outbox, c1)]  # a1, o1 leased
     future = await outbox.claim(10, lease_s=30, now=_in(conninfo, 120))
     assert [r.id for r in future] == [a1, b1, c1, orphan]  # leases and due times have passed
