@@ -506,13 +506,14 @@ class _Walker:
     def scalar(self, tp: Any, value: object, loc: _Loc, spec: Spec) -> Any:
         if typing.get_origin(tp) is Literal:
             return self.choice(tp, value, loc, spec)
+        shown = _kind(value) if spec.secret else _show(value)  # never echo a secret
         if not _is(tp, value):
-            self.problem(loc, f"must be {_expected(tp, spec)}, not {_show(value)}")
+            self.problem(loc, f"must be {_expected(tp, spec)}, not {shown}")
             return _BAD
         converted: Any = float(typing.cast(float, value)) if tp is float else value
         broken = _violated(converted, spec) if tp in (int, float) else _string_rule(value, spec)
         if broken:
-            self.problem(loc, f"must be {broken}, not {_show(value)}")
+            self.problem(loc, f"must be {broken}, not {shown}")
             return _BAD
         return converted
 
@@ -583,8 +584,19 @@ def _show(value: object) -> str:
         return "a table"
     if isinstance(value, dt.date | dt.time):
         return value.isoformat()
+    if isinstance(value, int) and value.bit_length() > 200:  # repr() refuses huge ints
+        return "a huge integer"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: object) -> str:
+    """What a secret's wrong value is, without the value."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    if isinstance(value, dt.date | dt.time):
+        return "a date or time"
+    return next((name for tp, name in names.items() if type(value) is tp), "a value")
 
 
 def _hint(word: str, known: Iterable[str]) -> str:
@@ -718,6 +730,10 @@ def load_config(path: str | os.PathLike[str] | None,
         message = str(exc)
         raise ConfigError([f"{source}: invalid toml: {message[:1].lower()}{message[1:]}"]) \
             from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{source}: invalid toml: tables or arrays nested too deep"]) from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError([f"{source}: invalid toml: {str(exc).lower()}"]) from exc
     return parse_config(data, source, env)
 
 

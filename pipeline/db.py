@@ -283,10 +283,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: SQLSTATE classes that mean "the server cannot serve us now": connection exceptions,
+#: insufficient resources, operator intervention (shutdown), system errors
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+
+
 def translate(exc: psycopg.Error) -> DatabaseError:
-    """Map a psycopg error to this module's errors (connection problems become unavailable)."""
-    if isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.QueryCanceled
+    """Map a psycopg error to this module's errors: the connection or the server being
+    unavailable is worth a retry (:class:`DatabaseUnavailable`); a problem with the data or
+    the statement (e.g. an index row too large) is not, and stays a :class:`DatabaseError`."""
+    state = exc.sqlstate or ""
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return DatabaseError(_first_line(exc))
+    if state[:2] in _UNAVAILABLE_CLASSES or (
+        not state and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
     ):
         return DatabaseUnavailable(f"database connection failed: {_first_line(exc)}")
     return DatabaseError(_first_line(exc))

@@ -142,6 +142,12 @@ def _received_at(value: Any) -> dt.datetime:
         raise _BadLine(f"received_at must be an iso-8601 time, not {_describe(value)}")
     if moment.tzinfo is None:
         raise _BadLine(f"received_at must carry a time zone (Z or an offset), not {value!r}")
+    try:
+        utc = moment.astimezone(dt.UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not 1970 <= utc.year <= 9000:
+        raise _BadLine(f"received_at must be between 1970 and 9000, not {value!r}")
     return moment
 
 

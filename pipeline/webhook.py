@@ -33,7 +33,7 @@ import trio
 from loguru import logger
 
 from pipeline.config import WebhookConfig
-from pipeline.db import DatabaseError
+from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.metrics import StageMetrics
 from pipeline.recorded_log import LogRecorder
 from pipeline.records import Format, Invalid, RawEvent
@@ -45,6 +45,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 RETRY_AFTER_S = 5
+READ_TIMEOUT_S = 10
 _KEPT_HEADERS = ("content-type", "user-agent", "x-hub-signature-256")
 
 
@@ -131,19 +132,27 @@ class WebhookApp:
         try:
             raw = await _read_body(receive, headers, self.cfg.max_body_bytes)
         except _TooLarge:
-            return Response(413, {"error": f"body larger than {self.cfg.max_body_bytes} bytes"})
+            return Response(413, {"error": f"body larger than {self.cfg.max_body_bytes} bytes"},
+                            (("connection", "close"),))  # the rest of the body is not read
         if fmt == "cloud-api" and self.cfg.app_secret and not cloud_signature_ok(
                 raw, headers.get("x-hub-signature-256"), self.cfg.app_secret):
-            return Response(401, {"error": "x-hub-signature-256 does not match the body"})
+            return _refused(scope, "x-hub-signature-256 does not match the body")
+        key_needed = fmt == "evolution" and bool(self.cfg.evolution_apikey)
+        header_key = headers.get("apikey")
+        if key_needed and header_key is not None and not apikey_ok(
+                header_key, self.cfg.evolution_apikey):
+            return _refused(scope, "apikey is missing or wrong")
         try:
             body = decode_body(raw, self.cfg.max_json_depth)
         except BodyError as exc:
+            if key_needed and header_key is None:  # no credentials we could check: no trace
+                return _refused(scope, "apikey is missing or wrong")
             await self._dead_letter(Invalid(exc.reason, format=fmt), raw)
             return Response(400, {"error": exc.reason})
-        if fmt == "evolution" and self.cfg.evolution_apikey and not apikey_ok(
-                headers.get("apikey", body.get("apikey") if isinstance(body, dict) else None),
+        if key_needed and header_key is None and not apikey_ok(
+                body.get("apikey") if isinstance(body, dict) else None,
                 self.cfg.evolution_apikey):
-            return Response(401, {"error": "apikey is missing or wrong"})
+            return _refused(scope, "apikey is missing or wrong")
         event = RawEvent(self.clock(), fmt, body,
                          {k: v for k, v in headers.items() if k in _KEPT_HEADERS})
         return await self._accept(event)
@@ -151,10 +160,15 @@ class WebhookApp:
     async def _accept(self, event: RawEvent) -> Response:
         try:
             accepted = await self.intake.accept(event)
-        except DatabaseError as exc:
+        except DatabaseUnavailable as exc:
             logger.bind(stage="webhook").warning("inbox unavailable, answering 503: {}", exc)
             return Response(503, {"error": "inbox unavailable, retry later"},
                             (("retry-after", str(RETRY_AFTER_S)),))
+        except DatabaseError as exc:  # the data cannot be stored: retrying will not help
+            reason = f"message cannot be stored: {exc}"
+            await self._dead_letter(Invalid(reason, format=event.format),
+                                    json.dumps(redact_body(event.body)).encode())
+            return Response(400, {"error": reason})
         if self.recorder is not None:
             self.recorder.write(attrs.evolve(event, body=redact_body(event.body)))
         if accepted.all_invalid:
@@ -199,11 +213,20 @@ class WebhookApp:
         return Response(404, {"error": f"no such endpoint: {method} {path}"})
 
     async def _dead_letter(self, invalid: Invalid, raw: bytes) -> None:
+        text = raw[:65536].decode("utf-8", "replace").replace("\x00", "\\u0000")
+        if self.cfg.evolution_apikey:  # never keep a credential, even in a broken body
+            text = text.replace(self.cfg.evolution_apikey, "***")
         try:
-            await self.intake.store.dead_letter("webhook", invalid,
-                                                raw[:65536].decode("utf-8", "replace"))
+            await self.intake.store.dead_letter("webhook", invalid, text)
         except DatabaseError as exc:
             logger.bind(stage="webhook").warning("could not record a dead letter: {}", exc)
+
+
+def _refused(scope: Scope, reason: str) -> Response:
+    client = scope.get("client") or ("?", 0)
+    logger.bind(stage="webhook").warning("401 for {}:{} {}: {}", client[0], client[1],
+                                         scope.get("path", ""), reason)
+    return Response(401, {"error": reason})
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -261,6 +284,7 @@ async def serve(app: WebhookApp, host: str, port: int, *, grace_s: float,
     config = HypercornConfig()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = grace_s
+    config.read_timeout = READ_TIMEOUT_S  # a client that stops mid-request is cut off
     config.accesslog = None
     config.errorlog = None
     config.include_server_header = False

@@ -55,7 +55,7 @@ class Intake:
         if isinstance(item, Invalid):
             logger.bind(stage="intake").warning("invalid event from {}: {} {}", item.origin,
                                                 item.reason, item.where)
-            raw = json.dumps(event.body) if isinstance(event, RawEvent) else None
+            raw = json.dumps(redact_body(event.body)) if isinstance(event, RawEvent) else None
             await self.store.dead_letter("intake", item, raw)
         await self.done.send(finished(item))
 

@@ -68,19 +68,36 @@ def json_depth_ok(obj: Any, limit: int) -> bool:
 
     Iterative, so that a hostile body cannot exhaust the interpreter stack while we check it.
     """
+    return _walk(obj, limit) != "depth"
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _walk(obj: Any, limit: int) -> str | None:
+    """The first problem of a decoded body: ``depth``, ``text`` (a NUL or a lone surrogate,
+    which PostgreSQL cannot store) or ``number`` (an infinite float such as ``1e400``)."""
     stack: list[tuple[Any, int]] = [(obj, 0)]
     while stack:
         value, level = stack.pop()
         if isinstance(value, dict):
-            children: Any = value.values()
+            children: Any = [*value.keys(), *value.values()]
         elif isinstance(value, list):
             children = value
+        elif isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                return "text"
+            continue
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "number"
+            continue
         else:
             continue
         if level + 1 > limit:
-            return False
+            return "depth"
         stack.extend((child, level + 1) for child in children)
-    return True
+    return None
 
 
 def _reject_constant(name: str) -> Any:
@@ -102,16 +119,26 @@ def decode_body(raw: bytes, max_depth: int) -> Any:
     except RecursionError as exc:
         raise BodyError(f"body is nested deeper than {max_depth} levels") from exc
     except json.JSONDecodeError as exc:
-        problem = f"{exc.msg.lower()} at line {exc.lineno} column {exc.colno}"
-        raise BodyError(f"body is not valid json: {problem}") from exc
+        message = exc.msg.lower().removesuffix(" at")  # some messages end in "at" already
+        where = f"{message} at line {exc.lineno} column {exc.colno}"
+        raise BodyError(f"body is not valid json: {where}") from exc
     except ValueError as exc:
         raise BodyError(f"body is not valid json: {str(exc).lower()}") from exc
-    if not json_depth_ok(body, max_depth):
+    problem = _walk(body, max_depth)
+    if problem == "depth":
         raise BodyError(f"body is nested deeper than {max_depth} levels")
+    if problem == "text":
+        raise BodyError("body holds a NUL character or a lone surrogate (\\u0000, "
+                        "\\ud800-\\udfff), which cannot be stored")
+    if problem == "number":
+        raise BodyError("body holds a number too large for a float (e.g. 1e400)")
     return body
 
 
 # --- walking a body -----------------------------------------------------------------------
+
+
+MAX_ID_CHARS = 256
 
 
 class _Missing:
@@ -181,9 +208,13 @@ class _Node:
         return self.items() if self.present else []
 
     def text(self) -> str:
-        """A non-empty string: ids, senders, types."""
-        if isinstance(self.value, str) and self.value:
+        """A non-empty string of at most 256 characters: ids, senders, types (they are
+        indexed, and PostgreSQL limits an index row to about 2.7 kB)."""
+        if isinstance(self.value, str) and 0 < len(self.value) <= MAX_ID_CHARS:
             return self.value
+        if isinstance(self.value, str) and self.value:
+            raise _Bad(f"{self.name} must be at most {MAX_ID_CHARS} characters, not "
+                       f"{len(self.value)}", self.where)
         raise self.bad("a non-empty string")
 
     def string(self) -> str:
