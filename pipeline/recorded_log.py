@@ -132,6 +132,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return record
 
 
+MIN_YEAR, MAX_YEAR = 2, 9990
+
+
 def _received_at(value: Any) -> dt.datetime:
     """An ISO-8601 time with ``Z`` or an offset: a naive time would be a guess."""
     try:
@@ -146,8 +149,9 @@ def _received_at(value: Any) -> dt.datetime:
         utc = moment.astimezone(dt.UTC)
     except OverflowError:
         utc = None
-    if utc is None or not 1970 <= utc.year <= 9000:
-        raise _BadLine(f"received_at must be between 1970 and 9000, not {value!r}")
+    if utc is None or not MIN_YEAR <= utc.year <= MAX_YEAR:  # room for windows either side
+        raise _BadLine(f"received_at must be between the years {MIN_YEAR} and {MAX_YEAR}, "
+                       f"not {value!r}")
     return moment
 
 
