@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from asgi import read_request
 from conftest import sql
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -86,17 +87,9 @@ class Receiver:
         return [h for h in self.hits if h.who == who]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        body = await read_request(scope, receive, send)
+        if body is None:
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         self.active += 1
         self.peak_active = max(self.peak_active, self.active)
         try:

@@ -51,6 +51,7 @@ import httpx
 import psycopg
 import pytest
 import trio
+from asgi import read_request
 
 from pipeline.config import embedded_default, load_config
 from pipeline.engine import instance_directory
@@ -869,17 +870,9 @@ class Receiver:
     send_active: int = 0  # sendText requests being answered right now
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        body = await read_request(scope, receive, send)
+        if body is None:
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         status, payload, extra = await self._answer(scope["path"], body, headers)
         await send({"type": "http.response.start", "status": status,

@@ -19,6 +19,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from asgi import read_request
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from loguru import logger
@@ -157,17 +158,9 @@ class FakeOpenAI:
     url: str = ""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        raw = await read_request(scope, receive, send)
+        if raw is None:
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.seen.append(Seen(scope["method"], scope["path"], headers, json.loads(raw)))
         step = self.script.pop(0) if self.script else "ok"
