@@ -20,23 +20,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import trio
 from loguru import logger
 
 from pipeline.metrics import StageMetrics
 
-In = TypeVar("In")
-Out = TypeVar("Out")
-
 Handler = Callable[[Any], Awaitable[Sequence[Any]]]
 ErrorHandler = Callable[[Any, Exception], Awaitable[Sequence[Any]]]
-
-
-class Keyed(Protocol):
-    @property
-    def key(self) -> Hashable: ...
 
 
 def _timed(out: Any, stage: str, ms: float) -> Any:
