@@ -104,8 +104,6 @@ class PipelineConfig:
     max_active_conversations: int = setting(64, "conversations processed at once", ge=1)
     channel_capacity: int = setting(16, "bound of every channel between stages", ge=1)
     shutdown_grace_s: float = setting(10.0, "time in-flight turns get on SIGINT/SIGTERM", ge=0)
-    idle_conversation_s: float = setting(
-        60.0, "per-conversation state is released after this idle time", gt=0)
 
 
 @attrs.frozen

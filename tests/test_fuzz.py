@@ -1065,7 +1065,7 @@ NASTY_CONFIGS: dict[str, list[str]] = {
         r"\[database\] tcp_port must be an integer >= 0, not -9223372036854775809",
         r"\[pipeline\] channel_capacity must be an integer >= 1, not 0",
         r"\[pipeline\] shutdown_grace_s must be a number >= 0, not a huge integer",
-        r"\[pipeline\] idle_conversation_s must be a number > 0, not inf",
+        r"\[database\] query_timeout_s must be a number > 0, not inf",
         r"\[webhook\] port must be an integer <= 65535, not 79228162514264337593543950335",
         r"\[webhook\] max_body_bytes must be an integer >= 1, not -1",
     ],
