@@ -247,8 +247,9 @@ class EscalationConfig:
                                         nonempty=True)
     request_phrases: tuple[str, ...] = setting(_REQUESTS, "explicit requests for a human, "
                                                "matched like keywords", nonempty=True)
-    max_failed_answers: int = setting(3, "this many fallback answers in a row escalate "
-                                      "(the escalation threshold)", ge=1)
+    max_failed_answers: int = setting(3, "a turn whose answer would be the Nth failed one "
+                                      "in a row is handed over instead (the escalation "
+                                      "threshold)", ge=1)
     min_confidence: float = setting(0.5, "an answer below this confidence counts as failed",
                                     ge=0, le=1)
     handover_message: str = setting("A human agent will continue this conversation shortly.",

@@ -194,10 +194,11 @@ class Pipeline:
                                             concurrency=max(1, cfg.database.pool_size // 2),
                                             min_confidence=min_conf)
             await nursery.start(loader.batcher.run)
+        rules = escalation_rules(cfg)
         handlers = [
             ("context", LoadContext(loader, gate, DB_RETRY)),
-            ("escalation", Escalation(escalation_rules(cfg))),
-            ("respond", Respond(responders(cfg, http))),
+            ("escalation", Escalation(rules)),
+            ("respond", Respond(responders(cfg, http), rules)),
         ]
         recv = turns
         for name, handler in handlers:

@@ -399,6 +399,8 @@ _FALLBACKS_OF = """
     (SELECT array_agg((a.fallback OR a.confidence < %(min_conf)b) ORDER BY a.id DESC)
        FROM (SELECT id, fallback, confidence FROM ai_interactions
               WHERE conversation_id = {conv} AND turn_id <> {turn}
+                AND created_at > coalesce((SELECT max(r.resolved_at) FROM escalations r
+                                           WHERE r.conversation_id = {conv}), '-infinity')
               ORDER BY id DESC LIMIT %(n)b) a)"""
 
 _ESCALATED_OF = """

@@ -3,10 +3,14 @@
 Order of the rules (the common ground of Chatwoot, Rasa, Intercom and Zendesk, see
 shared/research): a conversation already with a human is held (the user's messages are
 stored, the AI stays silent); an instance with escalation switched off always replies; an
-explicit request for a human, then a keyword, hands over; so do N fallback answers in a row;
-otherwise the assistant replies. An escalation outside business hours is still an escalation
-(the conversation waits for a human) but is flagged ``out_of_hours`` so that the user is told
-when someone will be back instead of being promised an agent "shortly".
+explicit request for a human, then a keyword, hands over; otherwise the assistant replies --
+and when that answer would be the Nth failed one in a row (a fallback, or below
+``min_confidence``), :func:`after_answer` hands over instead of sending it (Rasa's two-stage
+fallback, generalised: a turn the assistant can answer is answered). An escalation outside
+business hours is still an escalation (the conversation waits for a human) but is flagged
+``out_of_hours`` so that the user is told when someone will be back instead of being
+promised an agent "shortly". Failed answers before the conversation's last resolved
+escalation do not count (the context load leaves them out).
 
 Time is the turn's last ``received_at``, never the wall clock, so a replay decides exactly as
 the live run did.
@@ -20,11 +24,11 @@ import zoneinfo
 import attrs
 
 from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
-from pipeline.records import Decision, Turn, TurnContext
+from pipeline.records import Decision, Reply, Turn, TurnContext
 from stages.textmatch import Matcher, words
 
-__all__ = ["WEEKDAYS", "BusinessHours", "Escalation", "EscalationRules", "decide",
-           "fallback_streak", "rules_from_config"]
+__all__ = ["WEEKDAYS", "BusinessHours", "Escalation", "EscalationRules", "after_answer",
+           "decide", "fallback_streak", "rules_from_config"]
 
 #: ``datetime.weekday()`` order, as the config spells the days
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -92,7 +96,8 @@ class EscalationRules:
     """One instance's escalation settings; keywords and phrases are compiled once here,
     not per turn (``ValueError`` if one has no letters or digits and so could never match).
 
-    ``max_failed_answers`` is the threshold: that many fallback answers in a row escalate.
+    ``max_failed_answers`` is the threshold: that many failed answers in a row escalate;
+    an answer below ``min_confidence`` counts as failed.
     """
 
     keywords: tuple[str, ...]
@@ -100,6 +105,7 @@ class EscalationRules:
     request_phrases: tuple[str, ...] = ()
     enabled: bool = True
     hours: BusinessHours = attrs.field(factory=BusinessHours)
+    min_confidence: float = 0.0
     _keywords: Matcher = attrs.field(init=False, eq=False, repr=False,
                                      default=attrs.Factory(_compile_keywords, takes_self=True))
     _requests: Matcher = attrs.field(init=False, eq=False, repr=False,
@@ -123,6 +129,7 @@ def rules_from_config(base: EscalationConfig, instance: InstanceConfig) -> Escal
         request_phrases=base.request_phrases,
         enabled=instance.escalation_enabled,
         hours=BusinessHours.from_config(base.business_hours),
+        min_confidence=base.min_confidence,
     )
 
 
@@ -137,13 +144,22 @@ def fallback_streak(recent_fallbacks: tuple[bool, ...]) -> int:
 
 
 def _reason(turn: Turn, ctx: TurnContext, rules: EscalationRules) -> str | None:
-    asked = rules.asks_for_human(turn.text)
-    if asked is not None:
-        return asked
-    streak = fallback_streak(ctx.recent_fallbacks)
-    if streak >= rules.max_failed_answers:
-        return f"{streak} fallback answers in a row"
-    return None
+    return rules.asks_for_human(turn.text)
+
+
+def after_answer(turn: Turn, ctx: TurnContext, reply: Reply,
+                 rules: EscalationRules) -> Decision | None:
+    """Hand over instead of sending ``reply`` when it would be the Nth failed answer in a
+    row (``ctx.recent_fallbacks`` holds the earlier ones, newest first); None: send it."""
+    failed = reply.fallback or reply.confidence < rules.min_confidence
+    if not rules.enabled or not failed:
+        return None
+    streak = fallback_streak(ctx.recent_fallbacks) + 1
+    if streak < rules.max_failed_answers:
+        return None
+    at = turn.messages[-1].received_at
+    return Decision("escalate", f"{streak} failed answers in a row",
+                    out_of_hours=not rules.hours.is_open(at))
 
 
 def decide(turn: Turn, ctx: TurnContext, rules: EscalationRules) -> Decision:

@@ -32,6 +32,7 @@ from loguru import logger
 from pipeline.concurrency import Backoff, retry
 from pipeline.config import ResponderConfig
 from pipeline.records import Reply, Turn
+from stages.escalation import EscalationRules, after_answer
 from stages.textmatch import Matcher, words
 
 __all__ = ["OPENAI_RETRY", "AnswerError", "OpenAIResponder", "Respond", "Responder", "Rule",
@@ -244,10 +245,17 @@ class Respond:
     held and escalated turns pass through unchanged."""
 
     responders: Mapping[str, Responder]  # by instance
+    #: by instance; with them, an answer that would be the Nth failed one in a row is
+    #: replaced by a hand-over (:func:`stages.escalation.after_answer`)
+    rules: Mapping[str, EscalationRules] | None = None
 
     async def __call__(self, turn: Turn) -> list[Turn]:
         if turn.decision is None or turn.decision.verdict != "reply":
             return [turn]
         history = turn.context.history if turn.context is not None else ""
         reply = await self.responders[turn.instance].answer(turn, history)
+        if self.rules is not None and turn.context is not None:
+            handover = after_answer(turn, turn.context, reply, self.rules[turn.instance])
+            if handover is not None:
+                return [attrs.evolve(turn, decision=handover, reply=None)]
         return [attrs.evolve(turn, reply=reply)]

@@ -13,11 +13,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
-from pipeline.records import Decision, InboundMessage, Turn, TurnContext
+from pipeline.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.escalation import (
     BusinessHours,
     Escalation,
     EscalationRules,
+    after_answer,
     decide,
     fallback_streak,
     rules_from_config,
@@ -174,20 +175,39 @@ def test_matching_is_invariant_under_case_changes(text: str, phrase: str) -> Non
      Decision("reply")),
     (RULES, ctx(), "talk to a human", Decision("escalate", "explicit request: talk to a human")),
     (RULES, ctx(fallbacks=(True,) * 3), "agent", Decision("escalate", "keyword: agent")),
-    (RULES, ctx(fallbacks=(True,) * 3), "hi", Decision("escalate",
-                                                       "3 fallback answers in a row")),
-    (RULES, ctx(fallbacks=(True,) * 4), "hi", Decision("escalate",
-                                                       "4 fallback answers in a row")),
+    # earlier failed answers alone do not hand over: the turn is answered first
+    (RULES, ctx(fallbacks=(True,) * 3), "hi", Decision("reply")),
     (RULES, ctx(fallbacks=(True, True)), "hi", Decision("reply")),
     (RULES, ctx(fallbacks=(True, True, False, True)), "hi", Decision("reply")),
     (RULES, ctx(fallbacks=(False, True, True, True)), "hi", Decision("reply")),
-    (attrs.evolve(RULES, max_failed_answers=1), ctx(fallbacks=(True,)), "hi",
-     Decision("escalate", "1 fallback answers in a row")),
     (RULES, ctx(), "hello", Decision("reply")),
 ])
 def test_order_of_the_rules(rules: EscalationRules, context: TurnContext, text: str,
                             expected: Decision) -> None:
     assert decide(turn(text), context, rules) == expected
+
+
+FAILED = Reply("Sorry, could you rephrase?", 0.0, fallback=True, responder="rules")
+GOOD = Reply("We open at 9.", 0.9, fallback=False, responder="rules")
+UNSURE = Reply("Maybe at 9?", 0.3, fallback=False, responder="rules")
+
+
+@pytest.mark.parametrize(("rules", "fallbacks", "reply", "expected"), [
+    (RULES, (True, True), FAILED, Decision("escalate", "3 failed answers in a row")),
+    (RULES, (True, True, True), FAILED, Decision("escalate", "4 failed answers in a row")),
+    (RULES, (True, True), GOOD, None),  # the turn could be answered: it is
+    (RULES, (True,), FAILED, None),
+    (RULES, (True, False, True), FAILED, None),
+    (attrs.evolve(RULES, min_confidence=0.5), (True, True), UNSURE,
+     Decision("escalate", "3 failed answers in a row")),
+    (attrs.evolve(RULES, max_failed_answers=1), (), FAILED,
+     Decision("escalate", "1 failed answers in a row")),
+    (attrs.evolve(RULES, enabled=False), (True,) * 5, FAILED, None),
+])
+def test_the_nth_failed_answer_hands_over_instead(
+        rules: EscalationRules, fallbacks: tuple[bool, ...], reply: Reply,
+        expected: Decision | None) -> None:
+    assert after_answer(turn("hi"), ctx(fallbacks=fallbacks), reply, rules) == expected
 
 
 @pytest.mark.parametrize(("fallbacks", "streak"), [
@@ -244,8 +264,10 @@ def test_an_escalation_out_of_hours_is_flagged_and_a_reply_is_not() -> None:
     saturday = utc(2025, 9, 6, 15, 0)
     assert decide(turn("HUMANO!", at=saturday), ctx(), rules) == Decision(
         "escalate", "keyword: humano", out_of_hours=True)
-    assert decide(turn("hi", at=saturday), ctx(fallbacks=(True,) * 3), rules) == Decision(
-        "escalate", "3 fallback answers in a row", out_of_hours=True)
+    failed = Reply("sorry?", 0.0, fallback=True, responder="rules")
+    assert after_answer(turn("hi", at=saturday), ctx(fallbacks=(True,) * 2), failed,
+                        rules) == Decision("escalate", "3 failed answers in a row",
+                                           out_of_hours=True)
     assert decide(turn("hello", at=saturday), ctx(), rules) == Decision("reply")
     assert decide(turn("HUMANO!", at=utc(2025, 9, 1, 15, 0)), ctx(), rules) == Decision(
         "escalate", "keyword: humano")

@@ -119,3 +119,18 @@ def test_cli_lists_and_resolves(cluster: Any, tmp_path: Path) -> None:
     missing = cli("escalations", "resolve", str(esc))
     assert missing.returncode == 1 and f"no open escalation {esc}" in missing.stderr
     assert cli("escalations", "resolve").returncode == 2
+
+
+async def test_failed_answers_before_a_resolved_escalation_do_not_count(store: Store) -> None:
+    cfg = parse_config({"escalation": {"max_failed_answers": 2},
+                        "instances": [{"name": "demo", "phone_number_id": "1122334455667"}]},
+                       "t")
+    first = await send_events(store, text_event("5533", "f1", "xyzzy"), cfg=cfg)
+    assert first.actions == {"replied": 1}  # the fallback answer
+    second = await send_events(store, text_event("5533", "f2", "plugh"), cfg=cfg)
+    assert second.actions == {"escalated": 1}  # would be the 2nd fallback in a row
+    assert second.escalations == {"2 failed answers in a row": 1}
+    [esc] = await store.open_escalations()
+    await store.resolve_escalation(esc.id, "test")
+    third = await send_events(store, text_event("5533", "f3", "frobozz"), cfg=cfg)
+    assert third.actions == {"replied": 1}  # a fresh start after the human's turn
