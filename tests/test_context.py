@@ -112,7 +112,7 @@ class FaultyStore(Store):
 
     async def _maybe(self, name: str) -> None:
         if name == self.slow:
-            await trio.sleep(1)
+            await trio.sleep_forever()  # until the load's timeout cancels it
         if name == self.failing:
             raise DatabaseError(f"{name} load failed on purpose")
         if name == self.outage and self.outage_calls > 0:

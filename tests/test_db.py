@@ -9,6 +9,7 @@ import re
 import psycopg
 import pytest
 import trio
+import trio.testing
 from conftest import sql
 
 from pipeline.db import DatabaseUnavailable, Pool, TrioConnection, open_pool
@@ -42,14 +43,18 @@ async def test_move_on_after_stops_the_query_on_the_server(pool: Pool, conninfo:
 
 
 async def test_nursery_cancel_mid_transaction_leaves_no_rows(pool: Pool, conninfo: str) -> None:
+    inserted = trio.Event()
+
     async def write() -> None:
         async with pool.connection() as conn, conn.transaction():
             await conn.execute("INSERT INTO instances (name) VALUES ('half')")
+            inserted.set()
             await conn.execute("SELECT pg_sleep(30)")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write)
-        await trio.sleep(0.3)
+        await inserted.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the sleep is on the server now
         nursery.cancel_scope.cancel()
     assert sql(conninfo, "SELECT count(*) FROM instances") == [(0,)]
     assert pool.stats.in_use == 0

@@ -26,11 +26,12 @@ Example counts are explicit: every fuzz test's ``@settings`` takes ``max_example
 ``FUZZ_EXAMPLES`` (``FUZZ_TOTAL`` for the README's reliability table), and the HTTP ones
 check that at least that many requests were really sent.
 
-Inputs that trigger known bugs are kept out of the always-on strategies and pinned by
-``xfail(strict=True)`` tests instead, so that everything else stays guarded meanwhile: NUL
-characters and lone surrogates in stored fields, ids longer than PostgreSQL's index row
-limit, undecodable Evolution bodies without credentials, and reusing a connection after a
-413 (the checker opens a new one). When a bug is fixed, drop its exclusion here too.
+A few input families have dedicated tests instead of a place in the always-on strategies,
+whose oracle (the pure parser) does not model them: NUL characters and lone surrogates
+(refused by ``decode_body``: ``test_full_unicode_strings_over_http``), ids longer than the
+256-character limit (``test_huge_ids_are_400_not_503``) and undecodable Evolution bodies
+without credentials (``test_evolution_undecodable_body_without_credentials_is_401``).
+Each was a bug the fuzzing found; all are fixed.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def _load_bodies(fmt: str) -> list[Any]:
 
 BODIES = {fmt: _load_bodies(fmt) for fmt in FORMATS}
 
-# No NUL characters and no lone surrogates: both are known bugs (see the xfail tests below).
+# No NUL characters and no lone surrogates here: decode_body refuses them, which the
+# parser oracle does not model; test_full_unicode_strings_over_http covers them.
 SAFE_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
 safe_text = st.text(SAFE_CHARS, max_size=16)
 KEYS = sorted({"object", "entry", "changes", "value", "field", "metadata", "phone_number_id",
@@ -349,7 +351,7 @@ BY_TYPE = {
     "object": st.dictionaries(st.sampled_from(KEYS), scalars, max_size=3),
 }
 # fields that end up in a unique index (inbox, conversations): a value past PostgreSQL's
-# btree row limit (~2.7 kB) is a known bug, pinned by test_huge_ids_are_400_not_503
+# over-long ids are covered by test_huge_ids_are_400_not_503
 INDEXED = {"id", "from", "remoteJid"}
 HUGE_SIZES = [1_000, 65_537, 300_000, 1_000_000, MAX_BODY + 1]
 OPS = ["delete", "delete", "retype", "retype", "replace", "null", "empty", "huge", "deep",
@@ -385,7 +387,7 @@ def mutated(draw: st.DrawFn, fmt: str) -> Any:
             new = draw(st.sampled_from([{}, [], ""]))
         elif op == "huge":
             if path and path[-1] in INDEXED:
-                continue  # a known bug: see test_huge_ids_are_400_not_503
+                continue  # covered by test_huge_ids_are_400_not_503
             chunk = draw(st.text(SAFE_CHARS, min_size=1, max_size=4))
             size = draw(st.sampled_from(HUGE_SIZES))
             new = (chunk * (size // len(chunk) + 1))[:size]
@@ -580,7 +582,7 @@ KEY_TEXT = st.text(string.ascii_letters + string.digits + string.punctuation, ma
 async def test_evolution_apikey_variations(target: Target) -> None:
     """Evolution: the header (any case) or the body's ``apikey`` field; a wrong header wins
     over a right body field; anything else -> 401 with no dead letter. Bodies here decode
-    (an undecodable body without credentials is a known bug, see the xfail test)."""
+    (an undecodable body without credentials has its own test)."""
 
     @_settings("test_evolution_apikey_variations")
     @given(data=st.data(), how=st.sampled_from(["header", "body", "wrong_header",
@@ -649,7 +651,7 @@ async def test_oversized_bodies(target: Target) -> None:
     await fuzz(target, run, FUZZ_EXAMPLES["test_oversized_bodies"])
 
 
-# --- known bugs found by the fuzzing, pinned ---------------------------------------------
+# --- bugs the fuzzing found (all fixed), each with its own test ---------------------------
 
 
 def _cloud(message_id: str = "wamid.F1", text: str = "hello") -> bytes:
@@ -1032,7 +1034,7 @@ def _check_config_file(path: Path) -> Config | None:
 def test_load_config_random_toml(lines: list[str], garbage: bytes | None) -> None:
     """Random TOML-ish files: a Config, or a ConfigError whose every problem names the file;
     never another exception. (Integers past 4300 digits and nesting past ~500 levels are
-    known bugs: see the xfail tests.)"""
+    former bugs: see their own tests.)"""
     data = "\n".join(lines).encode("utf-8") + (garbage or b"")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.toml"
