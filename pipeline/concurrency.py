@@ -180,12 +180,12 @@ async def retry(op: Op[T], *, retry_on: tuple[type[Exception], ...], policy: Bac
 
     Other errors, and the last retryable one, propagate unchanged.
     """
-    rng = rng or random.Random()
     started = trio.current_time()
     for attempt in range(1, policy.attempts + 1):
         try:
             return await op()
         except retry_on as exc:
+            rng = rng or random.Random()  # only once something failed: the hot path stays lean
             pause = policy.pause(attempt, rng)
             late = (policy.deadline_s is not None
                     and trio.current_time() + pause - started > policy.deadline_s)
