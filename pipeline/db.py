@@ -4,7 +4,7 @@ psycopg's async API is built for asyncio. Its I/O is written as non-blocking gen
 yield "wait for readable/writable" requests; :class:`TrioConnection` overrides the two places
 that consume them (``wait`` and the connect path) with ``trio.lowlevel.wait_readable`` /
 ``wait_writable``. Measured on this machine (``scripts/bench_db.py``, table in the README)
-it does 3-5x the queries/s of trio-asyncio and 1.3-1.7x those of a thread pool, at a
+it does 3-5x the queries/s of trio-asyncio and 1.3-2.4x those of a thread pool, at a
 third to a fifth of their client CPU per query. It relies on private psycopg API
 (``wait``, ``_connect_gen``, ``_cancel_gen``, ``_should_cancel``), hence the pin to
 ``psycopg>=3.3.9,<3.4`` and the tests in ``tests/test_db.py``.
