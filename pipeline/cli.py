@@ -20,7 +20,7 @@ import attrs
 import trio
 from loguru import logger
 
-from pipeline.config import Config, ConfigError, load_config, redacted
+from pipeline.config import Config, ConfigError, dsn_problem, load_config, redacted
 from pipeline.database import DEFAULT_DBNAME, cluster_for, open_store
 from pipeline.db import DatabaseError
 from pipeline.logs import dsn_password, setup_logging
@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", "-c", type=Path, help="TOML config (default: embedded default)")
     run = sub.add_parser("run", parents=[cfg], help="run the configured sources until a signal")
     run.add_argument("--out", type=Path, help="write one outcome line per message here")
+    run.add_argument("--roles", help="comma-separated: webhook, turns, delivery (default: "
+                     "[pipeline] roles, all three); run several processes on one database "
+                     "with any mix of them")
+    run.add_argument("--port", type=int, help="override [webhook] port (0: any free port)")
     run.set_defaults(func=_cmd_run)
     rp = sub.add_parser("replay", parents=[cfg], help="replay recorded message logs")
     rp.add_argument("logs", nargs="*", type=Path,
@@ -97,17 +101,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "db", None) and (reason := dsn_problem(args.db)):
+        print(f"pipeline {args.command}: --db is not a valid connection string: {reason}",
+              file=sys.stderr)
+        return EXIT_USAGE
     _setup_logging(cfg, args)
     try:
         return int(args.func(args, cfg))
-    except (ClusterError, DatabaseError) as exc:
-        logger.error("{}", exc)
-        return EXIT_FAILED
     except NotImplementedError as exc:
         logger.error("{}", exc)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BaseException as exc:  # errors from inside nurseries come in (nested) groups
+        errors = _user_errors(exc)
+        if errors is None:
+            raise
+        return _report(errors)
+
+
+#: errors that are the user's to fix, shown as their one-line message (no traceback)
+USER_ERRORS = (ConfigError, ClusterError, DatabaseError)
+
+
+def _user_errors(exc: BaseException) -> list[BaseException] | None:
+    """The leaves of ``exc`` (a group, however nested, or one error) when every one of them
+    is a :data:`USER_ERRORS`; None when any is not: that is a bug, with its traceback."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        for inner in exc.exceptions:
+            found = _user_errors(inner)
+            if found is None:
+                return None
+            leaves += [e for e in found if e not in leaves]
+        return leaves
+    return [exc] if isinstance(exc, USER_ERRORS) else None
+
+
+def _report(errors: Sequence[BaseException]) -> int:
+    """One line per error (a bad config may list several); exit 2 when all are config."""
+    for exc in errors:
+        if isinstance(exc, ConfigError):
+            print(exc, file=sys.stderr)
+        else:
+            logger.error("{}", " ".join(str(exc).split()))
+    return EXIT_USAGE if all(isinstance(e, ConfigError) for e in errors) else EXIT_FAILED
 
 
 def _bench(argv: list[str]) -> int:
@@ -236,27 +274,55 @@ def _write_report(args: argparse.Namespace, collector: ReportCollector, result: 
     print(f"report: {args.report}")
 
 
+def _run_roles(args: argparse.Namespace, cfg: Config) -> Config | str:
+    """The config with ``--roles`` and ``--port`` applied, or what is wrong with them."""
+    pipeline_cfg, webhook = cfg.pipeline, cfg.webhook
+    if args.roles is not None:
+        roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+        bad = [r for r in roles if r not in ("webhook", "turns", "delivery")]
+        if bad or not roles:
+            return (f"--roles must name webhook, turns and/or delivery, not "
+                    f"{args.roles!r}")
+        pipeline_cfg = attrs.evolve(pipeline_cfg, roles=roles)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            return f"--port must be 0..65535, not {args.port}"
+        webhook = attrs.evolve(webhook, port=args.port)
+    if not pipeline_cfg.roles:
+        return "[pipeline] roles is empty: name at least one of webhook, turns, delivery"
+    return attrs.evolve(cfg, pipeline=pipeline_cfg, webhook=webhook)
+
+
 def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.engine import Pipeline
     from pipeline.live import live_source
     from pipeline.metrics import Metrics, summary_table
-    from pipeline.records import utcnow
     from stages.outcomes import OutcomeSink
 
+    chosen = _run_roles(args, cfg)
+    if isinstance(chosen, str):
+        print(f"pipeline run: {chosen}", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = chosen
+    roles = frozenset(cfg.pipeline.roles)
     shutdown = Shutdown(cfg.pipeline.shutdown_grace_s)
     metrics = Metrics()
 
     def ready(url: str) -> None:
-        print(f"listening on {url}", flush=True)
+        print(f"listening on {url}" if url else f"ready ({', '.join(sorted(roles))})",
+              flush=True)
 
     async def main(sink: OutcomeSink) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_signals, shutdown)
             with shutdown.scope:
                 async with open_store(cfg.database) as store:
-                    pipeline = Pipeline(cfg, store, sink, metrics, wall_clock=utcnow)
+                    pipeline = Pipeline(cfg, store, sink, metrics,
+                                        poll_s=cfg.pipeline.poll_interval_ms / 1000,
+                                        finite=False, roles=roles)
                     shutdown.on_stop(pipeline.stop_sources)
-                    await pipeline.run(live_source(cfg, store, metrics, ready))
+                    await pipeline.run(live_source(cfg, store, metrics, ready,
+                                                   serve_webhooks="webhook" in roles))
             nursery.cancel_scope.cancel()
 
     with ExitStack() as stack:
@@ -265,9 +331,10 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     print("actions: " + ", ".join(f"{a}={n}" for a, n in sorted(sink.actions.items())))
     if cfg.metrics.summary:
         print(summary_table(metrics, 0))
-    if shutdown.expired:  # nothing is lost: the next start picks them up
-        logger.warning("shutdown grace expired: unfinished turns were cancelled and stay "
-                       "pending in the inbox for the next start")
+    if shutdown.expired:  # nothing is lost: another process, or the next start, redoes them
+        logger.warning("shutdown grace expired: unfinished turns were cancelled; their "
+                       "conversations stay pending in the database and are redone by the "
+                       "next process that claims them")
     return EXIT_OK
 
 
@@ -299,13 +366,14 @@ def _cmd_db(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "migrate" or cfg.database.dsn:
         return _db_online(args.action, cfg)
     cluster = cluster_for(cfg.database)
-    if args.action == "start":
-        print("started" if cluster.start() else "already running", cluster.data_dir)
-    elif args.action == "stop":
-        print("stopped" if cluster.stop() else "not running", cluster.data_dir)
+    if args.action == "start":  # on purpose: it stays up when pipeline processes leave
+        print("started" if cluster.keep_running() else "already running", cluster.data_dir)
+    elif args.action == "stop":  # unless a pipeline process uses it (ClusterError)
+        print("stopped" if cluster.stop_unused() else "not running", cluster.data_dir)
     elif args.action == "status":
-        print(cluster.status(), cluster.data_dir)
-        return EXIT_OK if cluster.status() == "running" else 3
+        status = cluster.status()
+        print(status, cluster.data_dir)
+        return EXIT_OK if status == "running" else 3
     else:
         print(cluster.url(DEFAULT_DBNAME))
     return EXIT_OK

@@ -173,18 +173,40 @@ class Backoff:
         return rng.uniform(0, ceiling) if self.jitter else ceiling
 
 
+def _retryable(exc: Exception, retry_on: tuple[type[Exception], ...]) -> Exception | None:
+    """``exc`` itself if it is one of ``retry_on``; for an ExceptionGroup (errors from a
+    nursery) whose leaves all are, its first leaf; else ``None``."""
+    if isinstance(exc, retry_on):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        matched, rest = exc.split(retry_on)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, Exception)
+            return leaf
+    return None
+
+
 async def retry(op: Op[T], *, retry_on: tuple[type[Exception], ...], policy: Backoff,
                 rng: random.Random | None = None,
                 on_retry: Callable[[int, Exception, float], None] | None = None) -> T:
     """Run ``op``; on an error in ``retry_on`` wait and try again within the budget.
 
-    Other errors, and the last retryable one, propagate unchanged.
+    An ``ExceptionGroup`` whose leaves are all in ``retry_on`` counts as retryable: an
+    operation that fans out in a nursery reports a brief outage that way (``on_retry`` is
+    told its first leaf). Other errors, mixed groups, and the last retryable error propagate
+    unchanged.
     """
     started = trio.current_time()
     for attempt in range(1, policy.attempts + 1):
         try:
             return await op()
-        except retry_on as exc:
+        except Exception as exc:
+            cause = _retryable(exc, retry_on)
+            if cause is None:
+                raise
             rng = rng or random.Random()  # only once something failed: the hot path stays lean
             pause = policy.pause(attempt, rng)
             late = (policy.deadline_s is not None
@@ -192,7 +214,7 @@ async def retry(op: Op[T], *, retry_on: tuple[type[Exception], ...], policy: Bac
             if attempt == policy.attempts or late:
                 raise
             if on_retry is not None:
-                on_retry(attempt, exc, pause)
+                on_retry(attempt, cause, pause)
             await trio.sleep(pause)
     raise AssertionError("unreachable: the loop returns or raises")
 

@@ -36,7 +36,8 @@ __all__ = [
     "LOADS", "Config", "ConfigError", "ContextConfig", "DatabaseConfig", "DedupeConfig",
     "DispatchConfig", "EscalationConfig", "InstanceConfig", "IntakeConfig", "LoadConfig",
     "LoggingConfig", "MetricsConfig", "PipelineConfig", "ResponderConfig", "RuleConfig",
-    "Setting", "WebhookConfig", "load_config", "parse_config", "redacted", "reference",
+    "Setting", "WebhookConfig", "dsn_problem", "load_config", "parse_config", "redacted",
+    "reference",
 ]
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
@@ -104,6 +105,14 @@ class PipelineConfig:
     max_active_conversations: int = setting(64, "conversations processed at once", ge=1)
     channel_capacity: int = setting(16, "bound of every channel between stages", ge=1)
     shutdown_grace_s: float = setting(10.0, "time in-flight turns get on SIGINT/SIGTERM", ge=0)
+    roles: tuple[Literal["webhook", "turns", "delivery"], ...] = setting(
+        ("webhook", "turns", "delivery"), "what `pipeline run` does: serve the webhooks, "
+        "process turns, deliver the outbox (any of them; `--roles` overrides)")
+    lease_s: float = setting(30.0, "a claimed conversation's lease: renewed every third of it "
+                             "while its turn runs; a dead process's turns are redone after it",
+                             gt=0)
+    poll_interval_ms: float = setting(200.0, "how often `pipeline run` looks for due work "
+                                      "written by other processes", gt=0)
 
 
 @attrs.frozen
@@ -704,9 +713,51 @@ def parse_config(data: Mapping[str, Any], source: str,
     cfg = walker.table(Config, data, _Loc(), None, "")
     for loc, text in _cross_checks(cfg):
         walker.problem(loc, text)
+    if reason := dsn_problem(cfg.database.dsn):
+        var = attrs.fields(DatabaseConfig).dsn.metadata[_SPEC].env
+        given = f" (from {var})" if var in walker.env else ""
+        walker.problem(_Loc("[database]", f"dsn{given}"),
+                       f"is not a valid connection string: {reason}")
     if walker.problems:
         raise ConfigError(walker.problems)
     return cfg
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why ``dsn`` is not a libpq connection string (URL or key=value), or None when it is.
+
+    libpq quotes pieces of the string in its reasons; any that may hold the password are
+    masked as ``***``.
+    """
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except Error as exc:
+        reason = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        secrets = sorted(_password_pieces(dsn), key=len, reverse=True)
+
+        def mask(quoted: re.Match[str]) -> str:
+            text = quoted[1]
+            for secret in secrets:
+                text = text.replace(secret, _HIDDEN)
+            return f'"{text}"'
+
+        return re.sub(r'"([^"]*)"', mask, reason)
+    return None
+
+
+def _password_pieces(dsn: str) -> set[str]:
+    """What may be the password in a DSN that does not parse: the URL's, or the key=value
+    form's up to the next ``key=`` (and each word of it, as libpq may quote just one)."""
+    pieces: set[str] = set()
+    if url := re.match(r"[A-Za-z][\w+.-]*://[^@/?#]*?:([^@/?#]*)@", dsn):
+        pieces.add(url[1])
+    if kv := re.search(r"\bpassword\s*=\s*(.*?)(?=\s+\w+\s*=|\s*$)", dsn, re.S):
+        value = kv[1].strip("'")
+        pieces |= {value, *value.split()}
+    return {p for p in pieces if p}
 
 
 def load_config(path: str | os.PathLike[str] | None,

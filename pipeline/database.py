@@ -1,24 +1,28 @@
 """Opening the pipeline's database: embedded cluster or DSN, database, migrations, pool.
 
 This is the one place that decides *which* PostgreSQL the pipeline talks to. With
-``database.dsn`` empty it starts the embedded cluster (and stops it again at the end if it
-was not running before), creates the database if needed and applies migrations.
+``database.dsn`` empty it uses the embedded cluster -- shared with any other pipeline process
+on the machine, started if needed and stopped by the last of them to leave
+(:meth:`Cluster.attach`) -- creates the database if needed and applies migrations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 import trio
 from loguru import logger
 
 from pipeline.config import DatabaseConfig
-from pipeline.db import DatabaseUnavailable, open_pool
+from pipeline.db import DatabaseUnavailable, open_pool, translate
+from pipeline.logs import dsn_password
 from pipeline.migrate import migrate
-from pipeline.pgcluster import Cluster, valid_dbname
+from pipeline.pgcluster import Cluster, ClusterError, Use, valid_dbname
 from pipeline.store import Store
 from pipeline.vclock import io_held
 
@@ -26,7 +30,8 @@ DEFAULT_DBNAME = "pipeline"
 
 
 def cluster_for(db: DatabaseConfig) -> Cluster:
-    return Cluster(db.data_dir, tcp_port=db.tcp_port)
+    """The embedded cluster of ``database.data_dir`` (moved if the server cannot use it there)."""
+    return Cluster.configured(db.data_dir, tcp_port=db.tcp_port)
 
 
 async def create_database(admin_conninfo: str, name: str, *, template: str | None = None,
@@ -37,16 +42,20 @@ async def create_database(admin_conninfo: str, name: str, *, template: str | Non
     only lose the replay, which is rerun anyway, and commits stop costing an fsync each.
     """
     valid_dbname(name)
+    sql = f"CREATE DATABASE {name}" + (f" TEMPLATE {valid_dbname(template)}" if template else "")
     async with open_pool(admin_conninfo, 1) as pool, pool.connection() as conn:
-        if drop_first:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
-        cur = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        if await cur.fetchone() is None:
-            sql = f"CREATE DATABASE {name}" + (f" TEMPLATE {valid_dbname(template)}" if template
-                                               else "")
-            await conn.execute(sql.encode())
-        if throwaway:
-            await conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off".encode())
+        try:
+            if drop_first:
+                await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+            cur = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if await cur.fetchone() is None:
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase,
+                                         psycopg.errors.UniqueViolation):
+                    await conn.execute(sql.encode())  # else another process just made it
+            if throwaway:
+                await conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off".encode())
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
 
 
 async def drop_database(admin_conninfo: str, name: str) -> None:
@@ -64,38 +73,60 @@ async def open_store(db: DatabaseConfig, *, dbname: str = DEFAULT_DBNAME, fresh:
     """A migrated store. ``fresh`` creates database ``dbname`` anew (embedded only) and,
     unless ``keep``, drops it at the end."""
     if db.dsn:
-        async with _pool_store(db, db.dsn) as store:
+        async with _pool_store(db, db.dsn, "database.dsn") as store:
             yield store
         return
-    cluster = cluster_for(db)
     with io_held():
-        started = await trio.to_thread.run_sync(cluster.start)
-    if started:
+        cluster = await trio.to_thread.run_sync(cluster_for, db)
+        use = await trio.to_thread.run_sync(cluster.attach)
+    if use.started:
         logger.info("embedded postgresql started in {}", cluster.data_dir)
     admin = cluster.conninfo("postgres")
     try:
         await create_database(admin, dbname, drop_first=fresh, throwaway=fresh)
-        async with _pool_store(db, cluster.conninfo(dbname)) as store:
+        async with _pool_store(db, cluster.conninfo(dbname),
+                               f"embedded postgresql in {cluster.data_dir}") as store:
             yield store
         if fresh and not keep:
             await drop_database(admin, dbname)
     finally:
-        if started:
-            with trio.CancelScope(shield=True), io_held():
-                await trio.to_thread.run_sync(cluster.stop)
-            logger.info("embedded postgresql stopped")
+        with trio.CancelScope(shield=True), io_held():
+            await _detach(use)
+
+
+async def _detach(use: Use) -> None:
+    """Leave the shared cluster; a failure to stop it is worth a warning, not the run."""
+    try:
+        stopped = await trio.to_thread.run_sync(use.detach)
+    except ClusterError as exc:
+        logger.warning("embedded postgresql was left running: {}", exc)
+        return
+    if stopped:
+        logger.info("embedded postgresql stopped (no other process uses it)")
 
 
 @asynccontextmanager
-async def _pool_store(db: DatabaseConfig, conninfo: str) -> AsyncIterator[Store]:
+async def _pool_store(db: DatabaseConfig, conninfo: str, server: str) -> AsyncIterator[Store]:
+    """A store on a pool of ``conninfo``; ``server`` names it when it cannot be reached."""
     async with open_pool(conninfo, db.pool_size, connect_timeout_s=db.connect_timeout_s) as pool:
         store = Store(pool, db.query_timeout_s)
         try:
             await store.ping()
         except DatabaseUnavailable as exc:
-            raise DatabaseUnavailable(f"{exc} (check database.dsn)") from None
+            reason = _unreachable_reason(exc, dsn_password(db.dsn))
+            raise DatabaseUnavailable(f"{server}: cannot reach the server: {reason}") from None
         if db.migrate_on_start:
             applied = await migrate(pool)
             if applied:
                 logger.info("applied migrations: {}", ", ".join(applied))
         yield store
+
+
+def _unreachable_reason(exc: BaseException, password: str = "") -> str:
+    """libpq's first line about a failed connection, without our wrappers or the password."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    for prefix in ("database connection failed: ", "cannot connect to the database: ",
+                   "connection failed: "):
+        text = text.removeprefix(prefix)
+    return text.replace(password, "***") if password else text

@@ -284,20 +284,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 #: SQLSTATE classes that mean "the server cannot serve us now": connection exceptions,
-#: insufficient resources, operator intervention (shutdown), system errors
+#: insufficient resources (e.g. 53300 too many connections), operator intervention (57P01-03
+#: shutdown, 57014 a cancellation), system errors
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+
+#: SQLSTATEs of a statement the server refused *for now*: the same statement may succeed when
+#: run again -- deadlock, serialization failure, lock not available (lock_timeout, NOWAIT), a
+#: connection closed for idling in a transaction
+_TRANSIENT_STATES = frozenset({"40P01", "40001", "55P03", "25P03"})
 
 
 def translate(exc: psycopg.Error) -> DatabaseError:
     """Map a psycopg error to this module's errors: the connection or the server being
-    unavailable is worth a retry (:class:`DatabaseUnavailable`); a problem with the data or
-    the statement (e.g. an index row too large) is not, and stays a :class:`DatabaseError`."""
+    unavailable, or the statement refused for now, is worth a retry
+    (:class:`DatabaseUnavailable`); a problem with the data or the statement (e.g. an index
+    row too large) is not, and stays a :class:`DatabaseError`.
+
+    A cancellation (57014) that arrives here was not ours -- ``statement_timeout``,
+    ``pg_cancel_backend``, an operator: our own go through Trio cancel scopes and surface as
+    ``trio.Cancelled`` or ``TooSlowError`` (:meth:`TrioConnection.wait`) -- so it is a
+    retryable :class:`DatabaseUnavailable` too."""
     state = exc.sqlstate or ""
-    if isinstance(exc, psycopg.errors.QueryCanceled):
-        return DatabaseError(_first_line(exc))
+    if state in _TRANSIENT_STATES or isinstance(exc, psycopg.errors.QueryCanceled):
+        return DatabaseUnavailable(f"database refused the statement for now: {_first_line(exc)}")
     if state[:2] in _UNAVAILABLE_CLASSES or (
         not state and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
     ):
         return DatabaseUnavailable(f"database connection failed: {_first_line(exc)}")
     return DatabaseError(_first_line(exc))
-

@@ -17,6 +17,15 @@ only after its send returned. A send cancelled midway leaves the row pending and
 (due again at once) in a shielded statement; once a send has returned, its outcome is
 recorded shielded too, so a shutdown does not throw away a delivery that happened. A resend
 is harmless to the receiver: it carries the same idempotency key.
+
+While the database is unavailable, recording keeps trying (:data:`RECORD_RETRY`, the lane
+stays busy meanwhile) -- but no shielded statement outlives the shutdown: once ``stopping``
+is set, what is still being recorded gets ``pipeline.shutdown_grace_s`` more; once the task
+is cancelled (the grace of the whole process ran out, or a second signal), one statement's
+time (``query_timeout_s``, at most the grace). A send whose outcome could not be recorded is
+an ERROR naming its idempotency key and is counted (``DeliveryStats.unrecorded``): the row
+stays pending and is sent again when its lease ends. (A statement that is cut off mid-way
+may take up to ``db.CANCEL_CLEANUP_S`` more to be cancelled on a server that hangs.)
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import attrs
@@ -76,7 +86,8 @@ class DeliveryStats:
     delivered: int = 0
     retried: int = 0
     dead: int = 0
-    db_errors: int = 0  # claims or records that failed; the rows stay pending
+    db_errors: int = 0  # claims or releases that failed; the rows stay pending
+    unrecorded: int = 0  # sends that happened but whose outcome could not be recorded
     in_flight: int = 0
     peak_in_flight: int = 0
 
@@ -87,7 +98,7 @@ class DeliveryStats:
     def summary(self) -> str:
         return (f"delivery: delivered={self.delivered}, retried={self.retried}, "
                 f"dead={self.dead}, db errors={self.db_errors}, "
-                f"peak in flight={self.peak_in_flight}")
+                f"not recorded={self.unrecorded}, peak in flight={self.peak_in_flight}")
 
 
 @attrs.frozen
@@ -129,9 +140,12 @@ class _Delivery:
     wake: Notifier
     stats: DeliveryStats
     rng: random.Random
+    grace_s: float = math.inf  # what shielded statements get once `stopping` is set
     policy: Backoff = attrs.field(init=False)
     lanes: set[int] = attrs.field(factory=set, init=False)  # conversations being sent
     retries_due: list[float] = attrs.field(factory=list, init=False)  # heap of trio times
+    shielded_budget: float = attrs.field(default=math.inf, init=False)
+    shields: set[trio.CancelScope] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.policy = backoff_policy(self.dispatch)
@@ -140,11 +154,48 @@ class _Delivery:
     def lease_s(self) -> float:
         return self.dispatch.timeout_s + self.outbox.query_timeout_s + LEASE_MARGIN_S
 
+    @property
+    def last_statement_s(self) -> float:
+        """What shielded work gets once the task is cancelled: one statement, at most."""
+        return min(self.grace_s, self.outbox.query_timeout_s)
+
     async def loop(self, stopping: trio.Event, sends: trio.Nursery) -> None:
         while not stopping.is_set():
             self.wake.clear()
             await self._claim(sends)
             await self.wake.wait(self._until_next_look())
+
+    async def watch_shutdown(self, stopping: trio.Event) -> None:
+        """Bound the shielded statements once shutdown begins: ``grace_s`` from the moment
+        ``stopping`` is set, :attr:`last_statement_s` from the moment this task is cancelled
+        (which is what happens to every task of the delivery when it is cancelled) -- also
+        during the grace. Runs until cancelled."""
+        try:
+            await stopping.wait()
+            self.wake.notify()
+            self._limit_shielded(self.grace_s)
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            self._limit_shielded(self.last_statement_s)
+            raise
+
+    def _limit_shielded(self, budget_s: float) -> None:
+        self.shielded_budget = min(self.shielded_budget, budget_s)
+        deadline = trio.current_time() + budget_s
+        for scope in self.shields:
+            scope.deadline = min(scope.deadline, deadline)
+
+    @contextmanager
+    def _shielded(self, budget_s: float = math.inf) -> Iterator[trio.CancelScope]:
+        """A shielded scope that still ends by the shutdown's bound (see
+        :meth:`watch_shutdown`), and after ``budget_s`` in any case."""
+        limit = min(budget_s, self.shielded_budget)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as scope:
+            self.shields.add(scope)
+            try:
+                yield scope
+            finally:
+                self.shields.discard(scope)
 
     def _until_next_look(self) -> float:
         now = trio.current_time()
@@ -173,11 +224,14 @@ class _Delivery:
             try:
                 result = await self.sender.send(row)
             except trio.Cancelled:
-                with trio.CancelScope(shield=True):
+                with self._shielded(self.last_statement_s):
                     await self._release(row)
                 raise
-            with trio.CancelScope(shield=True):
-                await self._record(row, result)
+            step = next_step(result, row.attempts, self.policy, self.rng)
+            with self._shielded() as scope:
+                await self._record(row, step)
+            if scope.cancelled_caught:
+                self._unrecorded(row, step, "shutdown cut the retries short")
         finally:
             self.lanes.discard(row.lane)
             self.stats.in_flight -= 1
@@ -190,16 +244,19 @@ class _Delivery:
             self.stats.db_errors += 1
             _log(row).error("cannot release cancelled send of {}: {}", row.idempotency_key, exc)
 
-    async def _record(self, row: OutboxRow, result: SendResult) -> None:
+    async def _record(self, row: OutboxRow, step: Step) -> None:
         """Record what the send did; while the database is unavailable keep trying (the
         lane stays busy here meanwhile), because a send that is not recorded is sent again
         once the row's lease ends, and the user would get the same reply twice."""
-        step = next_step(result, row.attempts, self.policy, self.rng)
         try:
             await with_retry(lambda: self._apply(row, step), RECORD_RETRY, "delivery")
         except DatabaseError as exc:  # sent again when the lease ends
-            self.stats.db_errors += 1
-            _log(row).error("cannot record {} of {}: {}", step.action, row.idempotency_key, exc)
+            self._unrecorded(row, step, str(exc))
+
+    def _unrecorded(self, row: OutboxRow, step: Step, why: str) -> None:
+        self.stats.unrecorded += 1
+        _log(row).error("{} was sent ({}) but not recorded: {}; the row stays pending and is "
+                        "sent again when its lease ends", row.idempotency_key, step.action, why)
 
     async def _apply(self, row: OutboxRow, step: Step) -> None:
         log = _log(row)
@@ -238,24 +295,22 @@ async def run_delivery(cfg: Config, outbox: OutboxStore, *, wake: Notifier,
                        task_status: trio.TaskStatus[DeliveryStats] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Deliver outbox rows until ``stopping`` is set, then finish the sends in flight (each
-    bounded by ``dispatch.timeout_s``) and return. ``task_status.started`` gets the stats
-    object it keeps counting in (``stats`` when given)."""
+    bounded by ``dispatch.timeout_s``) and return. Recording what a send did gets at most
+    ``cfg.pipeline.shutdown_grace_s`` after ``stopping`` and one statement after a cancel
+    (see the module docstring). ``task_status.started`` gets the stats object it keeps
+    counting in (``stats`` when given)."""
     dispatch = cfg.dispatch
     stats = stats if stats is not None else DeliveryStats()
     limits = httpx.Limits(max_connections=dispatch.concurrency,
                           max_keepalive_connections=dispatch.concurrency)
-    async with trio.open_nursery() as relay:
-        relay.start_soon(_notify_when_set, stopping, wake)
+    async with trio.open_nursery() as watchers:
         async with httpx.AsyncClient(timeout=dispatch.timeout_s, limits=limits,
                                      trust_env=False) as client:
             sender = Sender(dispatch, instances_by_name(cfg), client)
-            delivery = _Delivery(outbox, sender, dispatch, wake, stats, rng or random.Random())
+            delivery = _Delivery(outbox, sender, dispatch, wake, stats, rng or random.Random(),
+                                 cfg.pipeline.shutdown_grace_s)
+            watchers.start_soon(delivery.watch_shutdown, stopping)
             async with trio.open_nursery() as sends:
                 task_status.started(stats)
                 await delivery.loop(stopping, sends)
-        relay.cancel_scope.cancel()
-
-
-async def _notify_when_set(event: trio.Event, wake: Notifier) -> None:
-    await event.wait()
-    wake.notify()
+        watchers.cancel_scope.cancel()

@@ -1,9 +1,13 @@
-"""The stage graph: intake → dedupe → turns → context → escalation → respond → dispatch →
-outcomes, built from the config and run in one nursery.
+"""The stage graph, built from the config and run in one nursery:
 
-Nurseries are nested by lifetime (STYLE rule 6): the store is opened by the caller, the stages
-live in :func:`run_stages`' nursery, and the source is started last, inside a cancel scope of
-its own so that a shutdown can stop reading while the stages drain what was accepted.
+    sources → intake → inbox (PostgreSQL) → claimer → context → escalation → respond →
+    dispatch → outcomes
+
+Intake writes the inbox and nothing else; the claimer (:mod:`pipeline.claims`) takes due
+turns from the database, one per conversation at a time, so the turn stages never hold two
+turns of one conversation and a slow conversation's backlog waits in the inbox. Nurseries
+are nested by lifetime (STYLE rule 6): the store is opened by the caller, the delivery task
+outermost, the stages inside a cancel scope that a shutdown gives a deadline.
 """
 
 from __future__ import annotations
@@ -18,25 +22,25 @@ import httpx
 import trio
 from loguru import logger
 
+from pipeline.claims import Claimer, WorkClock, wall_clock
 from pipeline.concurrency import Backoff
 from pipeline.config import Config
+from pipeline.db import DatabaseError
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
-from pipeline.gate import ConversationGate
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
-from pipeline.records import Invalid, Outcome, RawEvent, Stored, Turn
-from pipeline.runtime import batch_stage, keyed_stage, sequential_stage
+from pipeline.records import Invalid, Outcome, RawEvent, Turn
+from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import InstanceRow, Store
 from stages.context import ContextBatcher, ContextLoader, LoadContext
-from stages.dedupe import Dedupe, TextDeduper
 from stages.dispatch import Dispatch, Messages
 from stages.escalation import Escalation, EscalationRules, rules_from_config
 from stages.intake import Intake
 from stages.outcomes import OutcomeSink, collect_outcomes
 from stages.parse import InstanceDirectory
 from stages.respond import Respond, Responder, build_responder
-from stages.turns import BurstBuffer, assemble_turns
+from stages.turns import BurstRules
 
 
 def instance_rows(cfg: Config) -> list[InstanceRow]:
@@ -58,39 +62,41 @@ def responders(cfg: Config, client: httpx.AsyncClient | None) -> dict[str, Respo
     return {i.name: built[i.responder] for i in cfg.instances}
 
 
-def burst_buffer(cfg: Config) -> BurstBuffer:
+def burst_rules(cfg: Config) -> BurstRules:
     buf = cfg.intake.buffer
-    return BurstBuffer(dt.timedelta(milliseconds=buf.window_ms), buf.max_messages,
-                       dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None)
+    return BurstRules(dt.timedelta(milliseconds=buf.window_ms), buf.max_messages,
+                      dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None,
+                      dt.timedelta(seconds=cfg.dedupe.content_window_s))
 
-
-_TURN_ACTIONS = frozenset({"replied", "escalated", "held", "merged"})
 
 #: while the database is unavailable, stages wait and retry (about two minutes) rather
-#: than fail their turns; a turn that still fails stays pending for the next start
+#: than fail their turns; a turn that still fails is released, due again after a pause
 DB_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
+#: time kept back from the shutdown grace to give the leases of cancelled turns back
+RELEASE_S = 1.0
 
 
 @attrs.frozen
 class Inlets:
     """Where a source puts what it reads; each source gets its own clones and closes them.
 
-    ``raw`` goes through intake (parse, store); ``stored`` is for messages the source has
-    already written to the inbox (the webhook acknowledges only after that); ``done`` takes
-    outcomes the source settled itself. ``stopping`` is set when the pipeline shuts down:
-    sources finish what they hold and return.
+    ``raw`` goes through intake (parse, store); ``done`` takes outcomes the source settled
+    itself (a webhook stores its messages before it answers, then reports what ended there);
+    ``stored(due)`` is called when a source has written new work to the inbox that becomes
+    due at ``due`` (it wakes the claimer then). ``stopping`` is set when the pipeline shuts
+    down: sources finish what they hold and return.
     """
 
     raw: trio.MemorySendChannel[RawEvent | Invalid]
-    stored: trio.MemorySendChannel[Stored]
     done: trio.MemorySendChannel[Outcome]
     stopping: trio.Event
+    stored: Callable[[dt.datetime], None] = lambda due: None
 
     def clone(self) -> Inlets:
-        return Inlets(self.raw.clone(), self.stored.clone(), self.done.clone(), self.stopping)
+        return Inlets(self.raw.clone(), self.done.clone(), self.stopping, self.stored)
 
     def close(self) -> None:
-        for channel in (self.raw, self.stored, self.done):
+        for channel in (self.raw, self.done):
             channel.close()
 
 
@@ -100,28 +106,39 @@ Source = Callable[[Inlets], Awaitable[None]]
 
 @attrs.define
 class Pipeline:
-    """One run of the stage graph. ``stop_sources()`` starts a graceful shutdown."""
+    """One run of the stage graph. ``stop_sources()`` starts a graceful shutdown.
+
+    ``clock`` is the time turns are decided on (wall clock live, recorded time in a replay);
+    ``poll_s`` how often the claimer looks for work written by other processes (None: a
+    replay, where this process wrote everything); ``finite``: the sources end by themselves
+    and the run ends once all their work is done (a replay), not at a signal.
+    """
 
     cfg: Config
     store: Store
     sink: OutcomeSink
     metrics: Metrics = attrs.field(factory=Metrics)
-    wall_clock: Callable[[], dt.datetime] | None = None
+    clock: WorkClock = attrs.field(factory=wall_clock)
+    poll_s: float | None = None
+    finite: bool = True
+    roles: frozenset[str] = frozenset({"webhook", "turns", "delivery"})
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
-    gate: ConversationGate = attrs.field(factory=ConversationGate, init=False)
     wake: Notifier = attrs.field(factory=Notifier, init=False)
     deliveries: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
     loader: ContextLoader | None = attrs.field(default=None, init=False)
-    dedupe: Dedupe | None = attrs.field(default=None, init=False)
-
-    def _finished(self, outcome: Outcome, _at: float) -> None:
-        """A turn's message is done: dedupe no longer counts it as in flight."""
-        if outcome.action in _TURN_ACTIONS and self.dedupe and outcome.message_id:
-            self.dedupe.finished(outcome.instance or "", outcome.message_id)
+    claimer: Claimer | None = attrs.field(default=None, init=False)
+    _work: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     def stop_sources(self) -> None:
-        """Ask every source to stop reading; what they already handed over is finished."""
+        """Ask every source to stop reading and the claimer to stop claiming; what is in
+        flight is finished -- or cancelled a moment before the grace ends, so that its
+        conversations can be given back within it."""
         self.stopping.set()
+        if self.claimer is not None:
+            self.claimer.wake.notify()
+        grace = self.cfg.pipeline.shutdown_grace_s
+        self._work.deadline = min(self._work.deadline, trio.current_time()
+                                  + max(0.0, grace - min(RELEASE_S, grace / 4)))
 
     async def run(self, *sources: Source,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -129,55 +146,80 @@ class Pipeline:
         await self.store.seed_instances(instance_rows(self.cfg))
         stop_delivery = trio.Event()
         async with httpx.AsyncClient() as http, trio.open_nursery() as outer:
-            if self.cfg.dispatch.transport != "dry":  # dry rows are written as delivered
+            if "delivery" in self.roles and self.cfg.dispatch.transport != "dry":
                 outbox = OutboxStore(self.store.pool, self.cfg.database.query_timeout_s)
                 await outer.start(partial(run_delivery, self.cfg, outbox, wake=self.wake,
                                           stopping=stop_delivery, stats=self.deliveries))
-            async with trio.open_nursery() as nursery:
-                inlets = await self._start_stages(nursery, http)
-                task_status.started()
-                for source in sources:
-                    nursery.start_soon(_run_source, source, inlets.clone())
-                inlets.close()
+            with self._work:
+                async with trio.open_nursery() as nursery:
+                    inlets = await self._start_stages(nursery, http)
+                    task_status.started()
+                    for source in sources:
+                        nursery.start_soon(_run_source, source, inlets.clone())
+                    inlets.close()
+            if self._work.cancelled_caught and self.claimer is not None:
+                await self._give_back(self.claimer)
             stop_delivery.set()  # the stages have drained: deliver what is due, then stop
+
+    async def _give_back(self, claimer: Claimer) -> None:
+        held = claimer.held()
+        try:
+            released = await claimer.release_held()
+        except DatabaseError as exc:
+            logger.bind(stage="claims").warning(
+                "{} conversations cancelled at shutdown could not be given back ({}); "
+                "their leases expire in {} s", len(held), exc, self.cfg.pipeline.lease_s)
+            return
+        if released:
+            logger.bind(stage="claims").warning(
+                "{} turns cancelled at shutdown: their conversations were given back and "
+                "are redone by the next process that claims them", released)
 
     async def _start_stages(self, nursery: trio.Nursery, http: httpx.AsyncClient) -> Inlets:
         cfg, m = self.cfg, self.metrics
         cap = cfg.pipeline.channel_capacity
-
-        def channel() -> tuple[trio.MemorySendChannel[Any], trio.MemoryReceiveChannel[Any]]:
-            return trio.open_memory_channel[Any](cap)
-
-        (done, done_r), (raw, raw_r), (stored, stored_r) = channel(), channel(), channel()
-        (fresh, fresh_r), (turns, turns_r) = channel(), channel()
+        rules = burst_rules(cfg)
+        (done, done_r) = trio.open_memory_channel[Outcome](cap)
+        (raw, raw_r) = trio.open_memory_channel[RawEvent | Invalid](cap)
         await nursery.start(collect_outcomes, done_r, self.sink)
-        intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY)
-        await nursery.start(_closing, intake.done, batch_stage, intake, raw_r, stored.clone(),
-                            m.stage("intake"), {"max_batch": cap})
-        texts = TextDeduper(dt.timedelta(seconds=cfg.dedupe.content_window_s))
-        dedupe = self.dedupe = Dedupe(texts, self.store, done.clone(), DB_RETRY)
-        self.sink.observers.append(self._finished)
-        await nursery.start(_closing, dedupe.done, sequential_stage, dedupe, stored_r, fresh,
-                            m.stage("dedupe"), {})
-        await nursery.start(_assemble, fresh_r, turns, burst_buffer(cfg), m, self.wall_clock)
-        await self._start_turn_stages(nursery, turns_r, done.clone(), http)
-        return Inlets(raw, stored, done, self.stopping)
+        intake_done = trio.Event()
+        claimer = None
+        if "turns" in self.roles:
+            turns, turns_r = trio.open_memory_channel[Turn](cap)
+            claimer = self.claimer = Claimer(
+                self.store, rules, turns, done.clone(), self.clock,
+                cfg.pipeline.max_active_conversations, cfg.pipeline.lease_s, self.poll_s,
+                self.stopping, intake_done if self.finite else None,
+                renew=self.poll_s is not None, metrics=m)
+            await self._start_turn_stages(nursery, turns_r, done.clone(), http, claimer)
+            await nursery.start(claimer.run)
+        def stored(due: dt.datetime) -> None:
+            if claimer is not None:
+                claimer.wake.due(due)
+
+        intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY,
+                        rules.first_due, stored)
+        def intake_ended() -> None:
+            intake_done.set()
+            if claimer is not None:  # it may wait with nothing due: time to look, and end
+                claimer.wake.notify()
+
+        await nursery.start(_intake, intake, raw_r, done.clone(), m, cap, intake_ended)
+        return Inlets(raw, done, self.stopping, stored)
 
     async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any,
-                                 http: httpx.AsyncClient) -> None:
-        """context → escalation → respond → dispatch: per-conversation lanes."""
-        cfg, store, m, gate = self.cfg, self.store, self.metrics, self.gate
+                                 http: httpx.AsyncClient, claimer: Claimer) -> None:
+        """context → escalation → respond → dispatch, each turn of a different conversation
+        (a claim hands out one turn per conversation at a time)."""
+        cfg, store, m = self.cfg, self.store, self.metrics
         cap = cfg.pipeline.channel_capacity
 
         async def drop_turn(turn: Turn, exc: Exception) -> list[Any]:
-            gate.leave(turn.key)
-            for msg in turn.messages:  # pending again: a redelivery may bring it back
-                if self.dedupe is not None:
-                    self.dedupe.finished(msg.instance, msg.message_id)
             logger.bind(stage="turn", conversation=turn.key).error(
-                "turn {} of {}/{} failed and stays pending in the inbox: {}",
-                turn.turn_id, turn.instance, turn.sender, exc)
-            m.counters["failed turns"] += 1
+                "turn {} of {}/{} failed; its conversation is given back and the turn is "
+                "redone after a pause: {}", turn.turn_id, turn.instance, turn.sender, exc)
+            if turn.claim is not None:
+                await claimer.failed(turn.claim, exc)
             return []
 
         keyed = {"max_active": cfg.pipeline.max_active_conversations, "lane_capacity": cap,
@@ -196,7 +238,7 @@ class Pipeline:
             await nursery.start(loader.batcher.run)
         rules = escalation_rules(cfg)
         handlers = [
-            ("context", LoadContext(loader, gate, DB_RETRY)),
+            ("context", LoadContext(loader, DB_RETRY)),
             ("escalation", Escalation(rules)),
             ("respond", Respond(responders(cfg, http), rules)),
         ]
@@ -207,7 +249,8 @@ class Pipeline:
             await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
                                 then)
             recv = next_recv
-        dispatch = Dispatch(store, gate, handover, cfg.dispatch.transport, self.wake.notify,
+        dispatch = Dispatch(store, handover, cfg.dispatch.transport, claimer.finished,
+                            self.clock.now, burst_rules(cfg).first_due, self.wake.notify,
                             DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
@@ -224,10 +267,16 @@ async def _run_source(source: Source, inlets: Inlets) -> None:
         inlets.close()
 
 
-async def _assemble(recv: Any, send: Any, buffer: BurstBuffer, metrics: Metrics,
-                    wall_clock: Any, task_status: trio.TaskStatus[None]) -> None:
-    await assemble_turns(recv, send, buffer, metrics.stage("turns"), wall_clock=wall_clock,
-                         task_status=task_status)
+async def _intake(intake: Intake, recv: Any, send: Any, metrics: Metrics, cap: int,
+                  ended: Callable[[], None], task_status: trio.TaskStatus[None]) -> None:
+    """Intake as a batch stage; ``ended`` is called once everything it read is in the
+    inbox."""
+    try:
+        with intake.done:
+            await batch_stage(intake, recv, send, metrics.stage("intake"), max_batch=cap,
+                              task_status=task_status)
+    finally:
+        ended()
 
 
 async def _call(runner: Any, handler: Any, recv: Any, send: Any, stats: Any,
@@ -239,11 +288,3 @@ async def _call(runner: Any, handler: Any, recv: Any, send: Any, stats: Any,
     finally:
         if then is not None:
             then()
-
-
-async def _closing(extra: trio.MemorySendChannel[Any], runner: Any, handler: Any, recv: Any,
-                   send: Any, stats: Any, kwargs: dict[str, Any],
-                   task_status: trio.TaskStatus[None]) -> None:
-    """Run a stage that also reports to the outcomes, closing that clone when it ends."""
-    with extra:
-        await runner(handler, recv, send, stats, task_status=task_status, **kwargs)

@@ -1,8 +1,9 @@
-"""``pipeline run``'s source: first the inbox rows a previous run left pending, then the
-webhook server until shutdown.
+"""``pipeline run``'s source: the webhook server until shutdown.
 
-Pending rows are handed over before the server starts, so a conversation's older messages
-are always ahead of its new ones.
+A webhook only writes the inbox (before it answers 200) and wakes this process's claimer;
+the work is taken from the database by whichever process claims it, so nothing is handed
+over in memory and nothing needs recovering at start: rows left pending by a process that
+died are claimed again once their lease has expired.
 """
 
 from __future__ import annotations
@@ -16,43 +17,26 @@ from loguru import logger
 
 from pipeline.config import Config
 from pipeline.db import open_pool
-from pipeline.engine import Inlets, Source, instance_directory
+from pipeline.engine import Inlets, Source, burst_rules, instance_directory
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder
-from pipeline.records import Stored
 from pipeline.store import Store
 from pipeline.webhook import WebhookApp, serve
-from stages.intake import Accepted, LiveIntake
+from stages.intake import Accepted, LiveIntake, redelivered
 
-PAGE = 500
 ACK_CONNECTIONS = 2
 
 
-async def recover_pending(store: Store, inlets: Inlets) -> int:
-    """Hand every pending inbox row to the pipeline, oldest first; return how many."""
-    cursor: tuple[dt.datetime, int] | None = None
-    count = 0
-    while not inlets.stopping.is_set():
-        page = await store.pending(cursor, PAGE)
-        for _, message in page:
-            await inlets.stored.send(Stored(message, redelivered=False))
-            count += 1
-        if len(page) < PAGE:
-            break
-        cursor = page[-1][0]
-    if count:
-        logger.bind(stage="recovery").info("handed over {} messages left pending", count)
-    return count
-
-
 def live_source(cfg: Config, store: Store, metrics: Metrics,
-                ready: Callable[[str], None] = lambda url: None) -> Source:
+                ready: Callable[[str], None] = lambda url: None, *,
+                serve_webhooks: bool = True) -> Source:
     """The source of ``pipeline run``; ``ready`` gets the server's URL once it listens."""
 
     async def source(inlets: Inlets) -> None:
-        await recover_pending(store, inlets)
-        if not cfg.webhook.enabled:
-            logger.info("[webhook] enabled = false: no live source, waiting for a signal")
+        if not (cfg.webhook.enabled and serve_webhooks):
+            logger.info("no webhook server in this process ([webhook] enabled = false or "
+                        "the webhook role is off): waiting for a signal")
+            ready("")
             await inlets.stopping.wait()
             return
         recorder = LogRecorder(cfg.webhook.record_dir) if cfg.webhook.record_dir else None
@@ -65,8 +49,9 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                                  connect_timeout_s=cfg.database.connect_timeout_s) as acks, \
                     trio.open_nursery() as nursery:
                 intake = LiveIntake(Store(acks, cfg.database.query_timeout_s),
-                                    instance_directory(cfg))
-                app = WebhookApp(cfg.webhook, intake, partial(_handover, inlets),
+                                    instance_directory(cfg), burst_rules(cfg).first_due)
+                app = WebhookApp(cfg.webhook, intake,
+                                 partial(_handover, inlets, intake.first_due),
                                  metrics.stage("webhook"), recorder)
                 url = await nursery.start(partial(
                     serve, app, cfg.webhook.host, cfg.webhook.port,
@@ -79,8 +64,14 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
     return source
 
 
-async def _handover(inlets: Inlets, accepted: Accepted) -> None:
+async def _handover(inlets: Inlets, first_due: dt.timedelta, accepted: Accepted) -> None:
+    """What a webhook accepted: new rows wake the claimer; what ended at intake (receipts,
+    invalid parts, redelivered ids) goes to the outcomes."""
+    new = [s.message.received_at for s in accepted.stored if not s.redelivered]
+    if new:
+        inlets.stored(min(new) + first_due)
     for stored in accepted.stored:
-        await inlets.stored.send(stored)
+        if stored.redelivered:
+            await inlets.done.send(redelivered(stored))
     for outcome in accepted.finished:
         await inlets.done.send(outcome)

@@ -57,6 +57,8 @@ class StageMetrics:
     queue_peak: int = 0
     active: int = 0  # conversations with a live lane (keyed stages)
     latency: Histogram = attrs.field(factory=Histogram)
+    #: incidents that cost no item, by name (the webhook's "record_dir errors")
+    counters: Counter[str] = attrs.field(factory=Counter)
 
     def queued(self, depth: int) -> None:
         self.queue_depth = depth
@@ -89,6 +91,7 @@ class Metrics:
                     "in": s.received, "out": s.sent, "errors": s.errors, "dropped": s.dropped,
                     "queue_peak": s.queue_peak, "p50_ms": s.latency.percentile(50),
                     "p95_ms": s.latency.percentile(95), "p99_ms": s.latency.percentile(99),
+                    **({"counters": dict(sorted(s.counters.items()))} if s.counters else {}),
                 }
                 for s in self.stages.values()
             },
@@ -116,4 +119,8 @@ def summary_table(metrics: Metrics, elapsed_s: float) -> str:
     if first is not None and elapsed_s > 0:
         lines.append(f"throughput: {first.received / elapsed_s:,.0f} events/s "
                      f"over {elapsed_s:.2f} s")
+    for s in metrics.stages.values():
+        if s.counters:
+            counts = ", ".join(f"{name}={n}" for name, n in sorted(s.counters.items()))
+            lines.append(f"{s.name}: {counts}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ parser's business (an odd body becomes an ``Invalid`` there, with a path into th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import heapq
 import json
@@ -24,8 +25,8 @@ import attrs
 
 from pipeline.records import FORMATS, RawEvent
 
-__all__ = ["MAX_LINE_BYTES", "LogError", "LogRecorder", "format_log_line", "merge_logs",
-           "read_log"]
+__all__ = ["MAX_LINE_BYTES", "LogError", "LogRecorder", "RecordDirError", "format_log_line",
+           "merge_logs", "read_log"]
 
 #: a longer line is reported and skipped instead of being held in memory whole
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -215,12 +216,34 @@ def format_log_line(event: RawEvent) -> str:
     return line
 
 
+class RecordDirError(OSError):
+    """The recorder cannot write: the message names the path and why (``record_dir /x is not
+    a directory``, ``cannot append to /x/intake-2025-08-31.jsonl: no space left on device``).
+    An ``OSError``, so a caller that guards the file I/O catches it as such."""
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a directory."""
+    for candidate in (*reversed(path.parents), path):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return None
+
+
 class LogRecorder:
     """Append live intake to ``DIR/intake-YYYY-MM-DD.jsonl``, one file per UTC day.
 
     Sync file I/O, flushed after every line so that a crash loses at most the line being
     written; run it in a thread if its cost matters. The file is chosen by each event's
     ``received_at`` date, so a late event from yesterday goes to yesterday's file.
+
+    Every I/O failure is a :class:`RecordDirError` that names the path and the reason. After
+    a failed write the file is closed, so the next write reopens it and starts a fresh line
+    (whatever part of the failed line reached the disk is then one unreadable line).
     """
 
     def __init__(self, directory: StrPath) -> None:
@@ -236,24 +259,67 @@ class LogRecorder:
     def _path_for(self, day: dt.date) -> Path:
         return self._directory / f"intake-{day.isoformat()}.jsonl"
 
+    def check(self) -> None:
+        """Create the directory if needed and make sure a file can be created in it; raise
+        :class:`RecordDirError` otherwise (for a clear message at start, before traffic)."""
+        self._make_directory()
+        probe = self._directory / f".write-check-{os.getpid()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise RecordDirError(
+                f"record_dir {self._directory} is not writable: {_reason(exc)}") from exc
+
     def write(self, event: RawEvent) -> None:
         """Append one event, opening the file of its day first if needed."""
         day = event.received_at.astimezone(dt.UTC).date()
         if self._file is None or day != self._day:
             self._open(day)
         assert self._file is not None
-        self._file.write(format_log_line(event).encode("utf-8") + b"\n")
-        self._file.flush()
+        try:
+            self._file.write(format_log_line(event).encode("utf-8") + b"\n")
+            self._file.flush()
+        except OSError as exc:
+            path = self.path
+            self._drop()
+            raise RecordDirError(f"cannot append to {path}: {_reason(exc)}") from exc
+
+    def _make_directory(self) -> None:
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocker = _not_a_directory(self._directory)
+            if blocker == self._directory:
+                raise RecordDirError(f"record_dir {blocker} is not a directory") from exc
+            why = f"{blocker} is not a directory" if blocker else _reason(exc)
+            raise RecordDirError(f"record_dir {self._directory} cannot be created: {why}") \
+                from exc
 
     def _open(self, day: dt.date) -> None:
         self.close()
-        self._directory.mkdir(parents=True, exist_ok=True)
-        file = open(self._path_for(day), "a+b")  # noqa: SIM115 (held across writes)
-        if file.seek(0, os.SEEK_END) > 0:
-            file.seek(-1, os.SEEK_END)
-            if file.read(1) != b"\n":  # a crash cut the last line: do not glue onto it
-                file.write(b"\n")
+        self._make_directory()
+        path = self._path_for(day)
+        try:
+            file = open(path, "a+b")  # noqa: SIM115 (held across writes)
+        except OSError as exc:
+            raise RecordDirError(f"cannot open {path} for appending: {_reason(exc)}") from exc
+        try:
+            if file.seek(0, os.SEEK_END) > 0:
+                file.seek(-1, os.SEEK_END)
+                if file.read(1) != b"\n":  # a crash cut the last line: do not glue onto it
+                    file.write(b"\n")
+        except OSError as exc:
+            file.close()
+            raise RecordDirError(f"cannot append to {path}: {_reason(exc)}") from exc
         self._file, self._day = file, day
+
+    def _drop(self) -> None:
+        """Close the current file after a failed write; its unwritten bytes are lost."""
+        file, self._file, self._day = self._file, None, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # it flushes again, which may fail the same way
+                file.close()  # but it closes the file anyway
 
     def close(self) -> None:
         """Close the current file; a later write opens it again."""

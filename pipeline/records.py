@@ -156,6 +156,31 @@ class Reply:
 
 
 @attrs.frozen
+class Closed:
+    """An inbox row a claim closes without a turn: a repeated text, or a reaction."""
+
+    row_id: int
+    message: InboundMessage
+    action: Literal["duplicate", "ignored"]
+    reason: str
+
+
+@attrs.frozen
+class Claim:
+    """A conversation's work taken from the database (see :mod:`pipeline.claims`).
+
+    ``token`` is the lease's fencing token: the commit writes only while the conversation's
+    lease still carries it. ``row_ids`` are the inbox rows of the turn, in order; ``closed``
+    the rows closed along with it.
+    """
+
+    conversation_id: int
+    token: int
+    row_ids: tuple[int, ...]
+    closed: tuple[Closed, ...] = ()
+
+
+@attrs.frozen
 class Turn:
     """Messages of one conversation that arrived close together, answered once.
 
@@ -171,6 +196,7 @@ class Turn:
     decision: Decision | None = None
     reply: Reply | None = None
     timings_ms: tuple[tuple[str, float], ...] = ()
+    claim: Claim | None = None
 
     @property
     def key(self) -> tuple[str, str]:

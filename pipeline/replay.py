@@ -28,6 +28,7 @@ from typing import TextIO
 import attrs
 import trio
 
+from pipeline.claims import WorkClock
 from pipeline.config import Config
 from pipeline.database import DEFAULT_DBNAME, fresh_dbname, open_store
 from pipeline.engine import Inlets, Pipeline
@@ -145,7 +146,7 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     dbname = fresh_dbname() if fresh and not cfg.database.dsn else DEFAULT_DBNAME
     async with open_store(cfg.database, dbname=dbname, fresh=fresh,
                           keep=keep_db or not fresh) as store:
-        pipeline = Pipeline(cfg, store, sink, wall_clock=timeline.now)
+        pipeline = Pipeline(cfg, store, sink, clock=WorkClock(timeline.now, timeline.due))
         if on_pipeline is not None:
             on_pipeline(pipeline)
         start, virtual_start = time.perf_counter(), trio.current_time()

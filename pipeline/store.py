@@ -20,11 +20,72 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
-from pipeline.records import Action, InboundMessage, Invalid, Stored, Turn, TurnContext
+from pipeline.records import Action, Claim, InboundMessage, Invalid, Stored, Turn, TurnContext
+from stages.turns import BurstRules
 
 
 class QueryTimeout(DatabaseUnavailable):
     """A statement did not finish within ``database.query_timeout_s``."""
+
+
+class ClaimConflict(DatabaseError):
+    """A commit found its claim taken over or its rows already processed: nothing was
+    written, and the work is redone from the database."""
+
+
+_CONFLICT_STATE = "PC001"  # raised by pipeline_conflict() (migration 0004)
+
+
+@attrs.frozen
+class ClaimRequest:
+    """What :meth:`Store.claim` takes: up to ``limit`` conversations due at ``now``."""
+
+    owner: str
+    now: dt.datetime
+    limit: int
+    lease_s: float
+    rules: BurstRules
+    rows_per_claim: int = 64
+    held: tuple[int, ...] = ()  # conversations this process works on already
+
+
+@attrs.frozen
+class Claimed:
+    """One claimed conversation: its pending rows (oldest first, with their inbox ids) and
+    the texts it answered recently (the repeated-text window)."""
+
+    conversation_id: int
+    token: int
+    attempts: int
+    rows: tuple[tuple[int, InboundMessage], ...]
+    recent: tuple[tuple[dt.datetime, str], ...]
+
+
+@attrs.frozen
+class ClaimBatch:
+    claims: tuple[Claimed, ...]
+    next_due: dt.datetime | None  # the earliest due work not claimed now
+    candidates: int  # conversations that were due (claimed, deferred or found idle)
+
+
+@attrs.frozen
+class Committed:
+    written: bool
+    next_due: dt.datetime | None
+
+
+@attrs.frozen
+class ClaimCommit:
+    """A claim's commit: the rows it closes (inbox id, action, reason, key) and the turn's
+    effects, if it had a turn. ``next_due``: how long after its oldest remaining row the
+    conversation is due again; ``now``: when rows exist that this commit cannot see yet."""
+
+    claim: Claim
+    instance: str
+    rows: tuple[tuple[int, str, str | None, str], ...]
+    effects: TurnEffects | None
+    next_due: dt.timedelta
+    now: dt.datetime
 
 
 @attrs.frozen
@@ -99,6 +160,10 @@ def _context(conv_id: int, history: str | None, webhook_url: str | None, escalat
                        recent_fallbacks=tuple(fallbacks or ()))
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class Store:
     """Small async API over a :class:`Pool`; see the module docstring."""
 
@@ -119,6 +184,8 @@ class Store:
         except trio.TooSlowError:
             raise QueryTimeout(f"database did not answer within {limit} s") from None
         except psycopg.Error as exc:
+            if exc.sqlstate == _CONFLICT_STATE:
+                raise ClaimConflict(_first_line(exc)) from exc
             raise translate(exc) from exc
 
     async def _all(self, sql: str, params: Any = None,
@@ -148,14 +215,16 @@ class Store:
                                " coalesce(evolution_instance, ''), settings FROM instances")
         return [InstanceRow(r[0], r[1], r[2], r[3]) for r in rows]
 
-    async def store_inbound(self, messages: Sequence[InboundMessage]) -> list[Stored]:
-        """Write messages to the inbox; return each as :class:`Stored`: whether it was a
-        redelivery, and whether its row is still pending (not processed yet).
+    async def store_inbound(self, messages: Sequence[InboundMessage],
+                           first_due: dt.timedelta = dt.timedelta(0)) -> list[Stored]:
+        """Write messages to the inbox; return each as :class:`Stored`, ``redelivered`` when
+        its id was already there (in the batch or stored before).
 
-        One statement for the whole batch; a repeated id (in the batch or already stored)
-        only bumps the row's redelivery counter. The same statement opens the conversation
-        of a sender seen for the first time, in arrival order, so conversation ids follow
-        the order of the log (a replay gives the same ids every time).
+        One statement for the whole batch; a repeated id only bumps the row's redelivery
+        counter. The same statement counts the new rows as pending work of their
+        conversations and makes each due ``first_due`` after its oldest new row (the earliest
+        its turn can close), opening the conversation of a sender seen for the first time, in
+        arrival order, so conversation ids follow the order of the log.
         """
         first: dict[tuple[str, str], int] = {}
         repeats: dict[tuple[str, str], int] = {}
@@ -177,29 +246,14 @@ class Store:
             "repeats": [repeats.get((m.instance, m.message_id), 0) for m in fresh],
             "c_instances": [k[0] for k in senders], "c_senders": [k[1] for k in senders],
             "c_names": [m.sender_name for m in senders.values()],
-            "c_at": [m.received_at for m in senders.values()],
+            "c_at": [m.received_at for m in senders.values()], "first_due": first_due,
         })
         inserted = {(r[0], r[1]) for r in rows if r[2]}
-        pending = {(r[0], r[1]) for r in rows if r[3]}
         return [
             Stored(m, redelivered=not (first[(m.instance, m.message_id)] == i
-                                       and (m.instance, m.message_id) in inserted),
-                   pending=(m.instance, m.message_id) in pending)
+                                       and (m.instance, m.message_id) in inserted))
             for i, m in enumerate(messages)
         ]
-
-    async def pending(self, after: tuple[dt.datetime, int] | None,
-                      limit: int) -> list[tuple[tuple[dt.datetime, int], InboundMessage]]:
-        """Inbox rows not processed yet, oldest first, after the cursor ``after``: what a
-        restart must still handle."""
-        rows = await self._all(
-            "SELECT received_at, id, message FROM inbox WHERE status = 'pending'"
-            " AND (%b::timestamptz IS NULL OR (received_at, id) > (%b::timestamptz, %b::bigint))"
-            " ORDER BY received_at, id LIMIT %s",
-            (after[0] if after else None, after[0] if after else None,
-             after[1] if after else None, limit),
-        )
-        return [((r[0], r[1]), message_from_json(r[2])) for r in rows]
 
     async def dead_letter(self, stage: str, invalid: Invalid, raw: str | None = None) -> None:
         await self._all(
@@ -207,16 +261,6 @@ class Store:
             " VALUES (%b, %b, %b, %b, %b)",
             (stage, f"{invalid.reason} (at {invalid.where})" if invalid.where else invalid.reason,
              invalid.origin, invalid.format, raw),
-        )
-
-    async def mark_processed(self, keys: Sequence[tuple[str, str]], action: str,
-                             reason: str | None) -> None:
-        """Close inbox rows that end without a Turn (e.g. repeated text)."""
-        await self._all(
-            "UPDATE inbox SET status = 'processed', action = %b, reason = %b,"
-            " processed_at = now() FROM unnest(%b::text[], %b::text[]) AS k(i, m)"
-            " WHERE inbox.instance = k.i AND inbox.message_id = k.m AND status = 'pending'",
-            (action, reason, [k[0] for k in keys], [k[1] for k in keys]),
         )
 
     async def load_context(self, turn: Turn, history_chars: int, recent_interactions: int,
@@ -317,27 +361,99 @@ class Store:
             " WHERE id = %b AND status = 'open' RETURNING id", (by, escalation_id))
         return bool(rows)
 
-    async def commit_turn(self, fx: TurnEffects) -> None:
-        """Write the turn's effects and close its inbox rows, atomically and idempotently."""
-        turn = fx.turn
-        assert turn.context is not None and turn.decision is not None
-        reply = turn.reply
-        ids = [m.message_id for m in turn.messages]
-        await self._all(_COMMIT_TURN, {
-            "conv": turn.context.conversation_id, "instance": turn.instance,
-            "turn": turn.turn_id, "prompt": turn.text,
+    # --- claims: the database owns the work (pipeline/claims.py) ---------------------------
+
+    async def claim(self, req: ClaimRequest) -> ClaimBatch:
+        """Take up to ``req.limit`` conversations whose head turn is closed at ``req.now``,
+        each under a lease with a new fencing token; defer those still open (their
+        ``due_at`` moves to their deadline). One statement; many processes may run it at
+        once (``FOR UPDATE SKIP LOCKED``: each conversation goes to one of them)."""
+        rules = req.rules
+        rows = await self._all(_CLAIM, {
+            "now": req.now, "limit": req.limit, "owner": req.owner,
+            "lease": dt.timedelta(seconds=req.lease_s), "rows": req.rows_per_claim,
+            "window": rules.window, "max_wait": rules.wait, "max_messages": rules.limit,
+            "text_window": rules.text_window, "held": list(req.held),
+        })
+        claims_json, later, next_due, candidates = rows[0]
+        return ClaimBatch(
+            claims=tuple(_claimed(c) for c in claims_json or ()),
+            next_due=min((t for t in (later, next_due) if t is not None), default=None),
+            candidates=int(candidates),
+        )
+
+    async def commit_claim(self, commit: ClaimCommit) -> Committed:
+        """Write a claim's effects and close its rows, fenced by the lease's token.
+
+        ``written`` is False when this very commit was written before (a retry after a lost
+        answer); ``next_due`` says when the conversation's remaining work is due. Raises
+        :class:`ClaimConflict` -- and writes nothing -- when the lease was taken over, a row
+        is no longer pending, or an idempotency key is already used: the work is then redone
+        from the database, never reported done.
+        """
+        fx, claim = commit.effects, commit.claim
+        turn = fx.turn if fx is not None else None
+        reply = turn.reply if turn is not None else None
+        keys = fx.outbox if fx is not None else ()
+        rows = commit.rows
+        result = await self._all(_COMMIT_CLAIM, {
+            "conv": claim.conversation_id, "token": claim.token, "instance": commit.instance,
+            "n": len(rows), "ids": [r[0] for r in rows], "actions": [r[1] for r in rows],
+            "reasons": [r[2] for r in rows], "keys": [r[3] for r in rows],
+            "next_due": commit.next_due, "now": commit.now,
+            "turn": turn.turn_id if turn else "", "prompt": turn.text if turn else "",
             "has_ai": reply is not None, "responder": reply.responder if reply else "",
             "ai_reply": reply.text if reply else "",
             "confidence": reply.confidence if reply else 0.0,
             "fallback": reply.fallback if reply else False,
-            "reply_text": fx.reply_text, "reply_id": f"{turn.turn_id}:reply",
-            "escalate": turn.decision.verdict == "escalate", "reason": fx.reason,
-            "ob_keys": [o[0] for o in fx.outbox], "ob_kinds": [o[1] for o in fx.outbox],
-            "ob_targets": [o[2] for o in fx.outbox],
-            "ob_payloads": [Jsonb(o[3]) for o in fx.outbox],
-            "ob_status": "delivered" if fx.delivered else "pending",
-            "ids": ids, "actions": ["merged"] * (len(ids) - 1) + [fx.action],
+            "reply_text": fx.reply_text if fx else None,
+            "reply_id": f"{turn.turn_id}:reply" if turn else "",
+            "escalate": bool(turn and turn.decision and turn.decision.verdict == "escalate"),
+            "reason": fx.reason if fx else None,
+            "ob_keys": [o[0] for o in keys], "ob_kinds": [o[1] for o in keys],
+            "ob_targets": [o[2] for o in keys], "ob_payloads": [Jsonb(o[3]) for o in keys],
+            "ob_status": "delivered" if fx is not None and fx.delivered else "pending",
         })
+        return Committed(result[0][0] == "ok", result[0][1])
+
+    async def release(self, claim: Claim, due: dt.datetime, *, error: str | None = None,
+                      failed: bool = False) -> bool:
+        """Give a claimed conversation back: its work is due again at ``due`` (a turn not
+        closed yet, or a retry after a failure). False when the lease was no longer ours."""
+        rows = await self._all(
+            "UPDATE conversations SET lease_owner = NULL, lease_until = NULL,"
+            " attempts = attempts + %b::int, last_error = coalesce(%b, last_error),"
+            " due_at = %b WHERE id = %b AND lease_token = %b RETURNING id",
+            (int(failed), error, due, claim.conversation_id, claim.token))
+        return bool(rows)
+
+    async def renew(self, leases: Sequence[tuple[int, int]], lease_s: float) -> set[int]:
+        """Extend the leases (conversation id, token) still held; return their tokens."""
+        rows = await self._all(
+            "UPDATE conversations c SET lease_until = now() + %b"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
+            " WHERE c.id = l.id AND c.lease_token = l.token RETURNING c.lease_token",
+            (dt.timedelta(seconds=lease_s), [c for c, _ in leases], [t for _, t in leases]))
+        return {int(r[0]) for r in rows}
+
+    async def release_all(self, leases: Sequence[tuple[int, int]]) -> int:
+        """Give back leases whose turns were cancelled (shutdown): due again at once."""
+        rows = await self._all(
+            "UPDATE conversations c SET lease_owner = NULL, lease_until = NULL"
+            " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
+            " WHERE c.id = l.id AND c.lease_token = l.token RETURNING c.id",
+            ([c for c, _ in leases], [t for _, t in leases]))
+        return len(rows)
+
+
+def _claimed(data: dict[str, Any]) -> Claimed:
+    return Claimed(
+        conversation_id=int(data["conv"]), token=int(data["token"]),
+        attempts=int(data["attempts"]),
+        rows=tuple((int(r["id"]), message_from_json(r["message"])) for r in data["rows"] or ()),
+        recent=tuple((dt.datetime.fromisoformat(r["at"]), r["text"] or "")
+                     for r in data["recent"] or ()),
+    )
 
 
 _STORE_INBOUND = """
@@ -348,18 +464,29 @@ WITH ins AS (
                          %(repeats)b::int[])
     ON CONFLICT (instance, message_id)
     DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
-    RETURNING instance, message_id, (xmax = 0) AS inserted, status = 'pending' AS pending
+    RETURNING instance, message_id, sender, received_at, (xmax = 0) AS inserted
+), arrived AS (  -- new pending work per conversation: its count and when it may be due
+    SELECT instance, sender, count(*)::int AS n, min(received_at) + %(first_due)b AS due
+    FROM ins WHERE inserted GROUP BY instance, sender
+), found AS (
+    UPDATE conversations c SET pending = c.pending + a.n,
+                               due_at = least(coalesce(c.due_at, 'infinity'), a.due)
+    FROM arrived a WHERE c.instance = a.instance AND c.sender = a.sender AND c.status = 'open'
+    RETURNING c.instance, c.sender
 ), conv AS (
-    INSERT INTO conversations (instance, sender, sender_name, last_message_at)
-    SELECT c.instance, c.sender, c.name, c.at
+    INSERT INTO conversations (instance, sender, sender_name, last_message_at, pending, due_at)
+    SELECT c.instance, c.sender, c.name, c.at, coalesce(a.n, 0), a.due
     FROM unnest(%(c_instances)b::text[], %(c_senders)b::text[], %(c_names)b::text[],
                 %(c_at)b::timestamptz[]) WITH ORDINALITY AS c(instance, sender, name, at, ord)
+    LEFT JOIN arrived a ON a.instance = c.instance AND a.sender = c.sender
     WHERE NOT EXISTS (SELECT 1 FROM conversations o WHERE o.instance = c.instance
                       AND o.sender = c.sender AND o.status = 'open')
     ORDER BY c.ord
-    ON CONFLICT (instance, sender) WHERE status = 'open' DO NOTHING
+    ON CONFLICT (instance, sender) WHERE status = 'open'
+    DO UPDATE SET pending = conversations.pending + EXCLUDED.pending,
+                  due_at = least(coalesce(conversations.due_at, 'infinity'), EXCLUDED.due_at)
 )
-SELECT instance, message_id, inserted, pending FROM ins
+SELECT instance, message_id, inserted FROM ins
 """
 
 _CONVERSATION_UPSERT_BODY = """
@@ -414,7 +541,8 @@ INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, t
 SELECT %(conv)b, %(instance)b, t.id, 'user', t.kind, t.body, %(turn)b, t.sent
 FROM unnest(%(ids)b::text[], %(kinds)b::text[], %(bodies)b::text[], %(sent)b::timestamptz[])
      AS t(id, kind, body, sent)
-ON CONFLICT (instance, message_id) DO NOTHING"""
+ON CONFLICT (instance, message_id) DO UPDATE SET turn_id = EXCLUDED.turn_id
+WHERE messages.role = 'user' AND messages.turn_id IS DISTINCT FROM EXCLUDED.turn_id"""
 
 # mode single: everything in one statement. The reads see the snapshot taken before the
 # inserts, so the history never contains the turn itself.
@@ -424,7 +552,8 @@ _LOAD_CONTEXT = "WITH" + _FIND_OR_CREATE + """, stored AS (
     SELECT conv.id, %(instance)b, t.id, 'user', t.kind, t.body, %(turn)b, t.sent
     FROM conv, unnest(%(ids)b::text[], %(kinds)b::text[], %(bodies)b::text[],
                       %(sent)b::timestamptz[]) AS t(id, kind, body, sent)
-    ON CONFLICT (instance, message_id) DO NOTHING
+    ON CONFLICT (instance, message_id) DO UPDATE SET turn_id = EXCLUDED.turn_id
+    WHERE messages.role = 'user' AND messages.turn_id IS DISTINCT FROM EXCLUDED.turn_id
 )
 SELECT conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="%(turn)b") + """,
     (SELECT settings ->> 'webhook_url' FROM instances WHERE name = %(instance)b),""" \
@@ -459,7 +588,8 @@ WITH input AS (
                 %(m_bodies)b::text[], %(m_sent)b::timestamptz[]) AS m(turn, id, kind, body, sent)
     JOIN input ON input.turn = m.turn
     JOIN conv ON conv.instance = input.instance AND conv.sender = input.sender
-    ON CONFLICT (instance, message_id) DO NOTHING
+    ON CONFLICT (instance, message_id) DO UPDATE SET turn_id = EXCLUDED.turn_id
+    WHERE messages.role = 'user' AND messages.turn_id IS DISTINCT FROM EXCLUDED.turn_id
 )
 SELECT input.ord, conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="input.turn") + """,
     (SELECT settings ->> 'webhook_url' FROM instances WHERE name = input.instance),""" \
@@ -468,23 +598,112 @@ SELECT input.ord, conv.id,""" + _HISTORY_OF.format(conv="conv.id", turn="input.t
 FROM input JOIN conv ON conv.instance = input.instance AND conv.sender = input.sender
 """
 
-_COMMIT_TURN = """
-WITH ai AS (
+# the head of each due conversation's queue, decided over the rows' recorded times: a turn is
+# ready when a later row arrived after its deadline, when it is full, or when `now` is past
+# its deadline. Repeated texts and reactions count here like any row, so this deadline is
+# never earlier than the one the claim then computes without them (stages/turns.py): every
+# row that can join the turn is in the inbox when it is claimed.
+_CLAIM = """
+WITH cand AS (
+    SELECT id, instance, sender FROM conversations
+    WHERE due_at <= %(now)b AND (lease_until IS NULL OR lease_until < now())
+      AND id <> ALL (%(held)b::bigint[])
+    ORDER BY due_at, id LIMIT %(limit)b
+    FOR UPDATE SKIP LOCKED
+), pend AS (
+    SELECT c.id AS conv, i.id, i.received_at, i.message,
+           row_number() OVER w AS rn, first_value(i.received_at) OVER w AS first_at,
+           i.received_at - lag(i.received_at) OVER w AS gap
+    FROM cand c CROSS JOIN LATERAL (
+        SELECT p.id, p.received_at, p.message FROM inbox p
+        WHERE p.instance = c.instance AND p.sender = c.sender AND p.status = 'pending'
+        ORDER BY p.received_at, p.id LIMIT %(rows)b) i
+    WINDOW w AS (PARTITION BY c.id ORDER BY i.received_at, i.id)
+), chain AS (
+    SELECT conv, received_at, first_at,
+           bool_and(coalesce(gap <= %(window)b, true)
+                    AND received_at <= first_at + %(max_wait)b AND rn <= %(max_messages)b)
+               OVER (PARTITION BY conv ORDER BY received_at, id) AS in_head
+    FROM pend
+), heads AS (
+    SELECT conv, min(first_at) AS first_at, max(received_at) FILTER (WHERE in_head) AS last_at,
+           count(*) FILTER (WHERE in_head) AS n, bool_or(NOT in_head) AS followed
+    FROM chain GROUP BY conv
+), decided AS (
+    SELECT conv, first_at, least(last_at + %(window)b, first_at + %(max_wait)b) AS deadline,
+           followed OR n >= %(max_messages)b
+               OR least(last_at + %(window)b, first_at + %(max_wait)b) < %(now)b AS ready
+    FROM heads
+), claimed AS (
+    UPDATE conversations c SET lease_owner = %(owner)b, lease_token = nextval('lease_tokens'),
+                               lease_until = now() + %(lease)b
+    FROM decided d WHERE c.id = d.conv AND d.ready
+    RETURNING c.id, c.instance, c.sender, c.lease_token, c.attempts, d.first_at
+), later AS (
+    UPDATE conversations c SET due_at = d.deadline + interval '1 millisecond'
+    FROM decided d WHERE c.id = d.conv AND NOT d.ready
+    RETURNING c.due_at
+), idle AS (  -- due, but nothing pending: only when the counter agrees (it sees new rows)
+    UPDATE conversations c SET due_at = NULL
+    FROM cand WHERE c.id = cand.id AND c.pending <= 0
+      AND NOT EXISTS (SELECT 1 FROM pend WHERE pend.conv = cand.id)
+)
+SELECT
+    (SELECT json_agg(json_build_object(
+        'conv', cl.id, 'token', cl.lease_token, 'attempts', cl.attempts,
+        'rows', (SELECT json_agg(json_build_object('id', p.id, 'message', p.message)
+                                 ORDER BY p.received_at, p.id)
+                 FROM pend p WHERE p.conv = cl.id),
+        'recent', (SELECT json_agg(json_build_object('at', r.received_at,
+                                                     'text', r.message ->> 'text')
+                                   ORDER BY r.received_at, r.id)
+                   FROM inbox r WHERE r.instance = cl.instance AND r.sender = cl.sender
+                     AND r.status = 'processed'
+                     AND r.action IN ('replied', 'escalated', 'held', 'merged')
+                     AND r.received_at >= cl.first_at - %(text_window)b))
+        ORDER BY cl.id) FROM claimed cl),
+    (SELECT min(due_at) FROM later),
+    (SELECT min(due_at) FROM conversations
+      WHERE due_at > %(now)b AND (lease_until IS NULL OR lease_until < now())),
+    (SELECT count(*) FROM cand)
+"""
+
+# a claim's commit: everything or nothing, and only while the lease carries our token
+_COMMIT_CLAIM = """
+WITH lease AS (
+    UPDATE conversations c SET lease_owner = NULL, lease_until = NULL, attempts = 0,
+        last_error = NULL, pending = c.pending - %(n)b,
+        due_at = CASE WHEN c.pending - %(n)b <= 0 THEN NULL ELSE coalesce(
+            (SELECT min(i.received_at) FROM inbox i
+              WHERE i.instance = c.instance AND i.sender = c.sender AND i.status = 'pending'
+                AND i.id <> ALL (%(ids)b::bigint[])) + %(next_due)b, %(now)b) END
+    WHERE c.id = %(conv)b AND c.lease_token = %(token)b
+    RETURNING c.id, c.due_at
+), closed AS (
+    UPDATE inbox SET status = 'processed', action = a.action, reason = a.reason,
+                     turn_id = a.key, processed_at = now()
+    FROM unnest(%(ids)b::bigint[], %(actions)b::text[], %(reasons)b::text[], %(keys)b::text[])
+         AS a(id, action, reason, key)
+    WHERE inbox.id = a.id AND inbox.status = 'pending' AND EXISTS (SELECT 1 FROM lease)
+    RETURNING inbox.id
+), ai AS (
     INSERT INTO ai_interactions (conversation_id, turn_id, responder, prompt, reply, confidence,
                                  fallback)
     SELECT %(conv)b, %(turn)b, %(responder)b, %(prompt)b, %(ai_reply)b, %(confidence)b,
            %(fallback)b
-    WHERE %(has_ai)b
+    WHERE %(has_ai)b AND EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (turn_id) DO NOTHING
+    RETURNING 1
 ), said AS (
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id)
     SELECT %(conv)b, %(instance)b, %(reply_id)b, 'assistant', 'text', %(reply_text)b, %(turn)b
-    WHERE %(reply_text)b::text IS NOT NULL
+    WHERE %(reply_text)b::text IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (instance, message_id) DO NOTHING
+    RETURNING 1
 ), esc AS (
     INSERT INTO escalations (conversation_id, reason, turn_id)
     SELECT %(conv)b, %(reason)b, %(turn)b
-    WHERE %(escalate)b
+    WHERE %(escalate)b AND EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (conversation_id) WHERE status = 'open' DO NOTHING
 ), ob AS (
     INSERT INTO outbox (idempotency_key, kind, instance, conversation_id, target, payload,
@@ -493,11 +712,26 @@ WITH ai AS (
            CASE WHEN %(ob_status)b = 'delivered' THEN now() END
     FROM unnest(%(ob_keys)b::text[], %(ob_kinds)b::text[], %(ob_targets)b::text[],
                 %(ob_payloads)b::jsonb[]) AS o(k, kd, tg, p)
+    WHERE EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING 1
 )
-UPDATE inbox SET status = 'processed', action = a.action, turn_id = %(turn)b,
-                 reason = CASE WHEN a.action = 'merged' THEN NULL ELSE %(reason)b END,
-                 processed_at = now()
-FROM unnest(%(ids)b::text[], %(actions)b::text[]) AS a(id, action)
-WHERE inbox.instance = %(instance)b AND inbox.message_id = a.id AND inbox.status = 'pending'
+SELECT CASE
+    WHEN NOT EXISTS (SELECT 1 FROM lease) THEN CASE
+        WHEN (SELECT count(*) FROM inbox i, unnest(%(ids)b::bigint[], %(keys)b::text[]) a(id, key)
+              WHERE i.id = a.id AND i.status = 'processed' AND i.turn_id = a.key) = %(n)b
+        THEN 'already'
+        ELSE pipeline_conflict('the lease of conversation ' || %(conv)b
+                               || ' was taken over (token ' || %(token)b || ')') END
+    WHEN (SELECT count(*) FROM closed) <> %(n)b THEN pipeline_conflict(
+        'conversation ' || %(conv)b || ': ' || (%(n)b - (SELECT count(*) FROM closed))
+        || ' of its claimed rows were already processed')
+    WHEN (SELECT count(*) FROM ob) <> cardinality(%(ob_keys)b::text[]) THEN pipeline_conflict(
+        'turn ' || %(turn)b || ': an idempotency key of its outbox rows is already used')
+    WHEN %(has_ai)b AND NOT EXISTS (SELECT 1 FROM ai) THEN pipeline_conflict(
+        'turn ' || %(turn)b || ' already has an AI interaction')
+    WHEN %(reply_text)b::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM said) THEN
+        pipeline_conflict('turn ' || %(turn)b || ' already has a reply message')
+    ELSE 'ok' END,
+    (SELECT due_at FROM lease)
 """

@@ -15,6 +15,11 @@ parse (400 + dead letter when nothing in the body is usable) → inbox write (50
 Retry-After when it cannot be done) → 200. A 200 therefore always means "stored"; a
 redelivery is stored already and answered 200 at once. Stored messages are then handed to
 the pipeline; a full pipeline slows the acknowledgement (backpressure), it never drops.
+
+The copy in ``record_dir`` is a convenience for later replays, never a condition of the
+acknowledgement: when it cannot be written (full disk, bad folder) the message still goes on,
+the failure is counted (``stats.counters["record_dir errors"]``) and logged as a warning --
+once per distinct reason, then at most every :data:`RECORD_WARN_EVERY_S` seconds.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 RETRY_AFTER_S = 5
 READ_TIMEOUT_S = 10
+#: a record_dir failure that keeps happening is logged again at most this often
+RECORD_WARN_EVERY_S = 60.0
 _KEPT_HEADERS = ("content-type", "user-agent", "x-hub-signature-256")
 
 
@@ -92,6 +99,7 @@ class WebhookApp:
     stats: StageMetrics
     recorder: LogRecorder | None = None
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    _record_warning: tuple[str, float] | None = attrs.field(default=None, init=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -170,7 +178,7 @@ class WebhookApp:
                                     json.dumps(redact_body(event.body)).encode())
             return Response(400, {"error": reason})
         if self.recorder is not None:
-            self.recorder.write(attrs.evolve(event, body=redact_body(event.body)))
+            self._record(self.recorder, event)
         if accepted.all_invalid:
             reasons = [f"{i.reason} (at {i.where})" if i.where else i.reason
                        for i in accepted.invalid]
@@ -183,6 +191,28 @@ class WebhookApp:
             "ignored": len(accepted.finished) - len(accepted.invalid),
             "invalid": len(accepted.invalid),
         })
+
+    def _record(self, recorder: LogRecorder, event: RawEvent) -> None:
+        """Append the (redacted) body to ``record_dir``; a failure costs only the copy."""
+        try:
+            recorder.write(attrs.evolve(event, body=redact_body(event.body)))
+        except OSError as exc:
+            self.stats.counters["record_dir errors"] += 1
+            self._warn_record_error(str(exc))
+            return
+        if self._record_warning is not None:
+            self._record_warning = None
+            logger.bind(stage="webhook").info("record_dir is written again")
+
+    def _warn_record_error(self, reason: str) -> None:
+        now = trio.current_time()
+        last = self._record_warning
+        if last is not None and last[0] == reason and now - last[1] < RECORD_WARN_EVERY_S:
+            return
+        self._record_warning = (reason, now)
+        logger.bind(stage="webhook").warning(
+            "cannot record intake (the message is stored and goes on): {} "
+            "[{} record_dir errors so far]", reason, self.stats.counters["record_dir errors"])
 
     async def _escalations(self, method: str, path: str, headers: dict[str, str]) -> Response:
         token = self.cfg.resolve_token

@@ -31,7 +31,6 @@ from loguru import logger
 from pipeline.concurrency import Backoff, Failure, Settled, settle, with_retry
 from pipeline.config import ContextConfig, LoadConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
-from pipeline.gate import ConversationGate
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
 from pipeline.records import Turn, TurnContext
@@ -157,7 +156,7 @@ class ContextBatcher:
 
     A batch is sent when it holds ``batch_size`` turns or ``batch_delay_ms`` after its first
     one; at most ``concurrency`` batches are in flight. A batch never holds two turns of one
-    conversation (the conversation gate lets only one through at a time).
+    conversation (a conversation has one turn in flight at a time).
     """
 
     store: Store
@@ -238,14 +237,13 @@ class ContextBatcher:
 
 @attrs.define
 class LoadContext:
-    """The stage: wait for the conversation's previous turn to commit, then load --
-    retrying with backoff while the database is unavailable (``retry``)."""
+    """The stage: load the turn's context, retrying with backoff while the database is
+    unavailable (``retry``). No other turn of the conversation is in flight anywhere: the
+    claim (:mod:`pipeline.claims`) hands out one at a time and the previous one committed."""
 
     loader: ContextLoader
-    gate: ConversationGate
     retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Turn]:
-        await self.gate.enter(turn.key)  # left by dispatch, or by whoever drops the turn
         ctx = await with_retry(lambda: self.loader.load(turn), self.retry, "context")
         return [attrs.evolve(turn, context=ctx)]

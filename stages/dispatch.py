@@ -1,23 +1,25 @@
 """Dispatch: commit the turn's effects with its outbox rows, then report the outcomes.
 
 The AI interaction, the reply or hand-over message, the escalation, the outbox rows (each with
-an idempotency key derived from the turn) and the closing of the inbox rows are one
-statement: a crash or a cancellation leaves all of them or none, and redoing a turn after a
-restart writes nothing twice. With the ``dry`` transport the outbox rows are recorded as
-delivered; otherwise :mod:`pipeline.delivery` sends them (``on_commit`` wakes it).
+an idempotency key derived from the turn), the closing of the inbox rows and the end of the
+conversation's lease are one statement, fenced by the claim's token: a crash or a
+cancellation leaves all of them or none, a process whose lease was taken over writes
+nothing, and redoing a turn writes nothing twice. With the ``dry`` transport the outbox rows
+are recorded as delivered; otherwise :mod:`pipeline.delivery` sends them (``on_commit``
+wakes it).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from pipeline.concurrency import Backoff, with_retry
-from pipeline.gate import ConversationGate
-from pipeline.records import Action, Outcome, Turn
-from pipeline.store import Store, TurnEffects
+from pipeline.records import Action, Claim, Outcome, Turn
+from pipeline.store import ClaimCommit, Store, TurnEffects
 
 _ACTIONS: dict[str, Action] = {"reply": "replied", "escalate": "escalated", "hold": "held"}
 
@@ -60,8 +62,22 @@ def effects(turn: Turn, messages: Messages, delivered: bool) -> TurnEffects:
                        delivered)
 
 
+def turn_commit(turn: Turn, fx: TurnEffects, next_due: dt.timedelta,
+                now: dt.datetime) -> ClaimCommit:
+    """The rows a turn's commit closes (pure): the last message carries the turn's action,
+    the others are merged; the rows its claim closed without it keep theirs."""
+    claim = turn.claim
+    assert claim is not None, "a turn reaches dispatch with its claim"
+    n = len(claim.row_ids)
+    rows = [(row_id, fx.action if i == n - 1 else "merged", fx.reason if i == n - 1 else None,
+             turn.turn_id) for i, row_id in enumerate(claim.row_ids)]
+    rows += [(c.row_id, c.action, c.reason, turn.turn_id) for c in claim.closed]
+    return ClaimCommit(claim, turn.instance, tuple(rows), fx, next_due, now)
+
+
 def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
-    """One line per message: the last carries the turn's action, the others are merged."""
+    """One line per message: the last carries the turn's action, the others are merged;
+    then the rows the claim closed without the turn (repeated texts, reactions)."""
     assert turn.context is not None
     lines = []
     for i, msg in enumerate(turn.messages):
@@ -73,22 +89,31 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
             origin=msg.origin, timings_ms=turn.timings_ms,
             degraded=turn.context.degraded if last else (),
         ))
+    for closed in turn.claim.closed if turn.claim else ():
+        msg = closed.message
+        lines.append(Outcome(closed.action, msg.message_id, msg.instance, msg.sender,
+                             reason=closed.reason, origin=msg.origin))
     return lines
 
 
 @attrs.define
 class Dispatch:
     store: Store
-    gate: ConversationGate
     messages: dict[str, Messages]  # by instance
     transport: str
+    finished: Callable[[Claim, dt.datetime | None], None]
+    now: Callable[[], dt.datetime]
+    next_due: dt.timedelta
     on_commit: Callable[[], None] | None = None
     retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
         fx = effects(turn, self.messages[turn.instance], self.transport == "dry")
-        await with_retry(lambda: self.store.commit_turn(fx), self.retry, "dispatch")
+        commit = turn_commit(turn, fx, self.next_due, self.now())
+        done = await with_retry(lambda: self.store.commit_claim(commit), self.retry,
+                                "dispatch")
+        assert turn.claim is not None
+        self.finished(turn.claim, done.next_due)
         if self.on_commit is not None and fx.outbox and not fx.delivered:
             self.on_commit()
-        self.gate.leave(turn.key)
         return outcomes(turn, fx)

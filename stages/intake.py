@@ -1,14 +1,17 @@
 """Intake: parse raw events and store the messages in the inbox, in arrival order.
 
 Runs as a batch stage: every event already waiting is parsed, and all their messages are
-written in one statement. Invalid events become dead letters, receipts and own sends are
-ignored; both are finished here and reported straight to the outcomes.
+written in one statement. That is all intake does with a message: the inbox row is the work,
+which a claim takes from the database (:mod:`pipeline.claims`). Invalid events become dead
+letters, receipts and own sends are ignored, a redelivered message id is a duplicate; all
+three are finished here and reported straight to the outcomes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -30,14 +33,27 @@ def finished(item: Ignored | Invalid) -> Outcome:
                    origin=item.origin)
 
 
+def redelivered(stored: Stored) -> Outcome:
+    """The outcome of a message id that was in the inbox already (its first delivery is the
+    one that gets answered)."""
+    msg = stored.message
+    return Outcome("duplicate", msg.message_id, msg.instance, msg.sender,
+                   reason="redelivered message id", origin=msg.origin)
+
+
 @attrs.define
 class Intake:
+    """The stage; its outputs are the outcomes of redelivered ids. ``stored`` is told when
+    the new rows it wrote become due (it wakes the claimer then)."""
+
     store: Store
     directory: InstanceDirectory
     done: trio.MemorySendChannel[Outcome]
     retry: Backoff | None = None
+    first_due: dt.timedelta = dt.timedelta(0)
+    stored: Callable[[dt.datetime], None] = lambda due: None
 
-    async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Stored]:
+    async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         messages: list[InboundMessage] = []
         for event in batch:
             parsed = [event] if isinstance(event, Invalid) else parse_event(event, self.directory)
@@ -48,8 +64,12 @@ class Intake:
                     await self._finish(item, event)
         if not messages:
             return []
-        return await with_retry(lambda: self.store.store_inbound(messages), self.retry,
-                                "intake")
+        stored = await with_retry(lambda: self.store.store_inbound(messages, self.first_due),
+                                  self.retry, "intake")
+        new = [s.message.received_at for s in stored if not s.redelivered]
+        if new:
+            self.stored(min(new) + self.first_due)
+        return [redelivered(s) for s in stored if s.redelivered]
 
     async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:
         if isinstance(item, Invalid):
@@ -88,13 +108,15 @@ class LiveIntake:
 
     store: Store
     directory: InstanceDirectory
+    first_due: dt.timedelta = dt.timedelta(0)
 
     async def accept(self, event: RawEvent) -> Accepted:
         parsed = parse_event(event, self.directory)
         messages = [p for p in parsed if isinstance(p, InboundMessage)]
         invalid = tuple(p for p in parsed if isinstance(p, Invalid))
         finished_parts = tuple(finished(p) for p in parsed if not isinstance(p, InboundMessage))
-        stored = await self.store.store_inbound(messages) if messages else []
+        stored = (await self.store.store_inbound(messages, self.first_due) if messages
+                  else [])
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
         return Accepted(tuple(stored), finished_parts, invalid)

@@ -1,145 +1,116 @@
-"""Burst buffer: messages of one sender that arrive close together become one Turn.
+"""Turns: which of a conversation's pending inbox rows are answered together, and when.
 
-Pure logic over record times (``received_at``), not the clock. A sender's message joins the
-sender's open turn when it arrives within ``window`` of the previous one; the turn closes
-``window`` after its last message or ``max_wait`` after its first, whichever comes first, or
-when it holds ``max_messages``. Time moves on with the messages themselves (a message of
-anyone at time T closes every turn due before T), with :meth:`BurstBuffer.expire` and with
-:meth:`BurstBuffer.flush` at the end. Driven by the
-recorded times, the same log always forms the same turns; a live source also calls
-``expire(now)`` when :attr:`BurstBuffer.next_deadline` passes.
+Pure logic over the rows' recorded times (``received_at``), never a process's memory, so it
+does not matter which process received which message (a burst posted half to one process
+and half to another is one turn) and a replay forms the same turns however fast it runs.
+
+The burst rule: a message joins the turn of the message before it when it arrived within
+``window`` of it; the turn closes ``window`` after its last message or ``max_wait`` after
+its first, whichever comes first, or when it holds ``max_messages``. Before the rule, each
+row is classified: a reaction asks for no answer (``ignored``), and a text the sender
+already sent within ``text_window`` is a ``duplicate`` (:mod:`stages.dedupe`); neither
+joins a turn. :func:`plan_head` decides the head of a conversation's queue: the rows closed
+without a turn and the turn, once it is closed at ``now``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import attrs
-import trio
 
-from pipeline.metrics import StageMetrics
-from pipeline.records import InboundMessage, Stored, Turn
+from pipeline.records import Closed, InboundMessage
+from stages.dedupe import NOTHING_TO_ANSWER, TextMemory
 
-_NEVER = dt.datetime.max.replace(tzinfo=dt.UTC)
-
-
-def turn_id(first: InboundMessage) -> str:
-    """Stable id of the turn that starts with ``first`` (same log → same ids)."""
-    seed = f"{first.instance}\0{first.sender}\0{first.message_id}".encode()
-    return "t_" + hashlib.blake2b(seed, digest_size=10).hexdigest()
+_FOREVER = dt.timedelta(days=36500)
 
 
-@attrs.define
-class _Open:
-    messages: list[InboundMessage]
-    deadline: dt.datetime
-    latest: dt.datetime  # first message + max_wait: the deadline never moves past it
+def turn_id(messages: Sequence[InboundMessage]) -> str:
+    """Stable id of the turn made of ``messages`` (same rows → same id; a turn of one message
+    keeps the id that message always had)."""
+    first = messages[0]
+    seed = "\0".join([first.instance, first.sender, *(m.message_id for m in messages)])
+    return "t_" + hashlib.blake2b(seed.encode(), digest_size=10).hexdigest()
 
 
-@attrs.define
-class BurstBuffer:
+@attrs.frozen
+class BurstRules:
+    """``[intake.buffer]`` and ``[dedupe]`` as the claim needs them."""
+
     window: dt.timedelta
     max_messages: int
     max_wait: dt.timedelta | None = None  # None: no limit
-    _open: dict[tuple[str, str], _Open] = attrs.field(factory=dict, init=False)
+    text_window: dt.timedelta = dt.timedelta(0)
 
     @property
-    def next_deadline(self) -> dt.datetime | None:
-        return min((o.deadline for o in self._open.values()), default=None)
+    def limit(self) -> int:
+        """Most messages of one turn (a window of 0 means no buffering: one each)."""
+        return 1 if self.window <= dt.timedelta(0) else self.max_messages
 
-    def __len__(self) -> int:
-        return len(self._open)
+    @property
+    def wait(self) -> dt.timedelta:
+        return self.max_wait if self.max_wait is not None else _FOREVER
 
-    def add(self, msg: InboundMessage) -> list[Turn]:
-        """Take ``msg``; return the turns that are complete by its arrival."""
-        closed = self.expire(msg.received_at, inclusive=False)
-        key = msg.conversation_key
-        current = self._open.get(key)
-        if current is not None and len(current.messages) >= self.max_messages:
-            closed.append(self._close(key))
-            current = None
-        if current is None:
-            latest = msg.received_at + self.max_wait if self.max_wait is not None else _NEVER
-            current = self._open[key] = _Open([], msg.received_at, latest)
-        current.messages.append(msg)
-        current.deadline = min(max(current.deadline, msg.received_at + self.window),
-                               current.latest)
-        if self.window <= dt.timedelta(0) or len(current.messages) >= self.max_messages:
-            closed.append(self._close(key))
-        return closed
-
-    def expire(self, now: dt.datetime, *, inclusive: bool = True) -> list[Turn]:
-        """Close the turns whose window has passed at ``now`` (earliest deadline first)."""
-        due = sorted(
-            (o.deadline, key) for key, o in self._open.items()
-            if o.deadline < now or (inclusive and o.deadline == now)
-        )
-        return [self._close(key) for _, key in due]
-
-    def flush(self) -> list[Turn]:
-        """Close everything (the source has ended)."""
-        due = sorted((o.deadline, key) for key, o in self._open.items())
-        return [self._close(key) for _, key in due]
-
-    def _close(self, key: tuple[str, str]) -> Turn:
-        messages = tuple(self._open.pop(key).messages)
-        return Turn(turn_id=turn_id(messages[0]), instance=key[0], sender=key[1],
-                    messages=messages)
+    @property
+    def first_due(self) -> dt.timedelta:
+        """The earliest a turn can close after its first message (nothing joins it)."""
+        return max(dt.timedelta(0), min(self.window, self.wait))
 
 
-Clock = Callable[[], dt.datetime]
+@attrs.frozen
+class PendingRow:
+    """One pending inbox row of a claimed conversation."""
+
+    row_id: int
+    message: InboundMessage
 
 
-async def assemble_turns(
-    recv: trio.MemoryReceiveChannel[Stored], send: trio.MemorySendChannel[Turn],
-    buffer: BurstBuffer, stats: StageMetrics, *, wall_clock: Clock | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The stage: feed the burst buffer in arrival order and send the turns it closes.
+@attrs.frozen
+class Head:
+    """What :func:`plan_head` decided. ``turn`` empty: no turn (only ``closed`` rows).
+    ``ready`` False: the turn is still open at ``now``; look again at ``deadline``."""
 
-    With ``wall_clock`` (a live source) open turns also close when their window passes on
-    that clock; without it (a replay) only the recorded times move the buffer on, so the
-    same log forms the same turns however fast it is read.
+    closed: tuple[Closed, ...]
+    turn: tuple[PendingRow, ...]
+    ready: bool
+    deadline: dt.datetime | None = None
+
+
+def plan_head(rows: Sequence[PendingRow], recent: Sequence[tuple[dt.datetime, str]],
+              rules: BurstRules, now: dt.datetime) -> Head:
+    """Decide the head of a conversation's queue.
+
+    ``rows``: its pending rows, oldest first. ``recent``: (time, text) of the messages it
+    already answered within the text window. A turn is ``ready`` when a later row arrived
+    after it closed, when it is full, or when ``now`` is past its deadline (strictly: a
+    message received exactly at the deadline still joins).
     """
-    with send, recv:
-        task_status.started()
-        while True:
-            try:
-                item = await _next(recv, buffer, wall_clock)
-            except trio.EndOfChannel:
-                break
-            if item is None:
-                assert wall_clock is not None
-                closed = buffer.expire(wall_clock())
-            else:
-                stats.received += 1
-                stats.queued(recv.statistics().current_buffer_used)
-                closed = buffer.add(item.message)
-            now = wall_clock() if wall_clock is not None else None
-            for turn in closed:
-                await send.send(_buffered(turn, now))
-                stats.sent += 1
-        now = wall_clock() if wall_clock is not None else None
-        for turn in buffer.flush():
-            await send.send(_buffered(turn, now))
-            stats.sent += 1
+    memory = TextMemory(rules.text_window)
+    for at, text in recent:
+        memory.remember(at, text)
+    closed: list[Closed] = []
+    turn: list[PendingRow] = []
+    deadline: dt.datetime | None = None
+    for row in rows:
+        msg = row.message
+        if turn and (msg.received_at > _deadline(turn, rules) or len(turn) >= rules.limit):
+            return Head(tuple(closed), tuple(turn), True, _deadline(turn, rules))
+        if msg.kind in NOTHING_TO_ANSWER:
+            closed.append(Closed(row.row_id, msg, "ignored", f"{msg.kind}: nothing to answer"))
+        elif memory.is_repeat(msg.received_at, msg.text):
+            closed.append(Closed(row.row_id, msg, "duplicate", "repeated text"))
+        else:
+            memory.remember(msg.received_at, msg.text)
+            turn.append(row)
+    if not turn:
+        return Head(tuple(closed), (), True)
+    deadline = _deadline(turn, rules)
+    ready = len(turn) >= rules.limit or now > deadline
+    return Head(tuple(closed), tuple(turn), ready, deadline)
 
 
-def _buffered(turn: Turn, now: dt.datetime | None) -> Turn:
-    """Record how long the turn waited in the buffer (from its first message to closing)."""
-    closed_at = now if now is not None else turn.messages[-1].received_at
-    waited = (closed_at - turn.messages[0].received_at).total_seconds() * 1000
-    return turn.timed("buffer", max(0.0, waited))
-
-
-async def _next(recv: trio.MemoryReceiveChannel[Stored], buffer: BurstBuffer,
-                wall_clock: Clock | None) -> Stored | None:
-    deadline = buffer.next_deadline
-    if wall_clock is None or deadline is None:
-        return await recv.receive()
-    wait_s = (deadline - wall_clock()).total_seconds()
-    with trio.move_on_after(max(wait_s, 0.0)):
-        return await recv.receive()
-    return None
+def _deadline(turn: Sequence[PendingRow], rules: BurstRules) -> dt.datetime:
+    first, last = turn[0].message.received_at, turn[-1].message.received_at
+    return min(last + rules.window, first + rules.wait) if rules.limit > 1 else first

@@ -34,9 +34,8 @@ def test_workload_is_deterministic_with_bursts_redeliveries_and_escalations() ->
     assert 0 < len(events) - len(fresh) < 0.15 * len(fresh)
     assert 0 < sum(e.escalates for e in fresh) < 0.15 * len(fresh)
     plan = bench.plan_ceiling(bench.Settings(w), events)
-    turns = sum(map(len, plan.lanes))
-    assert 0.5 * len(fresh) < turns < len(fresh)  # bursts fold some messages together
-    assert plan.messages == len(events)
+    assert 0.5 * len(fresh) < plan.turns < len(fresh)  # bursts fold some messages together
+    assert plan.messages == len(events) and len(plan.inbox) == len(fresh)
 
 
 @pytest.mark.parametrize("delay_ms", [0.0, 1.0])
@@ -58,6 +57,10 @@ async def test_tiny_run_reports_every_mode_and_every_outcome(cluster: Cluster,
         assert figures["errors"] == 0 and figures["pending_in_inbox"] == 0, mode
         assert 0 < figures["peak_connections"] <= figures["pool_size"] == 10, mode
         assert figures["round_trips_per_msg"] > 0 and figures["peak_rss_mb"] > 0, mode
+        answered = sum(n for a, n in figures["actions"].items()
+                       if a in ("replied", "escalated", "held"))
+        assert answered == figures["turns"], mode  # the claims made the turns the bench expects
+        assert figures["claims_per_msg"] > 0 and figures["claim_to_commit_p50_ms"] > 0, mode
         actions.add(tuple(sorted(figures["actions"].items())))
     assert len(actions) == 1  # every mode decided every message the same way
     assert sum(Counter(dict(actions.pop())).values()) == events

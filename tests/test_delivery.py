@@ -294,7 +294,7 @@ async def test_retry_then_success(receiver: Receiver, outbox: OutboxStore,
         await until(lambda: run.stats.delivered == 1)
     assert [h.answered.status for h in receiver.hits] == [500, 502, 201]
     assert attrs.asdict(run.stats) == {"delivered": 1, "retried": 2, "dead": 0, "db_errors": 0,
-                                       "in_flight": 0, "peak_in_flight": 1}
+                                       "unrecorded": 0, "in_flight": 0, "peak_in_flight": 1}
     assert row_state(conninfo, "t1:reply") == ("delivered", 3, True, None)
 
 

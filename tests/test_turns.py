@@ -1,142 +1,116 @@
-"""The burst buffer and the text dedupe: exact turns, on recorded times and on a virtual
-clock (the live path)."""
+"""The head of a conversation's queue (pure): the burst rule, repeated texts, reactions,
+and when a turn is ready -- table-driven, no database, no event loop."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
-import trio
-import trio.testing
+import pytest
 
-from pipeline.metrics import Metrics
-from pipeline.records import InboundMessage, Stored, Turn
-from stages.dedupe import TextDeduper
-from stages.turns import BurstBuffer, assemble_turns, turn_id
+from pipeline.records import InboundMessage
+from stages.dedupe import TextMemory
+from stages.turns import BurstRules, PendingRow, plan_head, turn_id
 
 T0 = dt.datetime(2025, 8, 31, 10, 0, tzinfo=dt.UTC)
 
 
-def msg(sender: str, seconds: float, text: str = "hi", mid: str | None = None) -> InboundMessage:
-    at = T0 + dt.timedelta(seconds=seconds)
-    return InboundMessage(instance="acme", message_id=mid or f"{sender}@{seconds}",
-                          sender=sender, kind="text", text=text, sent_at=at, received_at=at,
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def msg(seconds: float, text: str | None = None, kind: str = "text") -> InboundMessage:
+    return InboundMessage(instance="acme", message_id=f"m@{seconds}", sender="a", kind=kind,
+                          text=f"text {seconds}" if text is None else text, sent_at=at(seconds), received_at=at(seconds),
                           format="cloud-api")
 
 
-def ids(turns: list[Turn]) -> list[list[str]]:
-    return [[m.message_id for m in t.messages] for t in turns]
+def rows(*items: float | tuple[float, str] | tuple[float, str, str]) -> list[PendingRow]:
+    out = []
+    for n, item in enumerate(items):
+        spec = item if isinstance(item, tuple) else (item,)
+        out.append(PendingRow(n, msg(*spec)))  # type: ignore[arg-type]
+    return out
 
 
-def buffer(window_s: float = 1.5, max_messages: int = 10,
-           max_wait_s: float | None = None) -> BurstBuffer:
-    wait = dt.timedelta(seconds=max_wait_s) if max_wait_s is not None else None
-    return BurstBuffer(dt.timedelta(seconds=window_s), max_messages, wait)
+def rules(window_s: float = 1.5, max_messages: int = 10, max_wait_s: float | None = None,
+          text_s: float = 30) -> BurstRules:
+    return BurstRules(dt.timedelta(seconds=window_s), max_messages,
+                      dt.timedelta(seconds=max_wait_s) if max_wait_s is not None else None,
+                      dt.timedelta(seconds=text_s))
 
 
-def test_close_messages_fold_into_one_turn() -> None:
-    b = buffer()
-    closed = [*b.add(msg("a", 0)), *b.add(msg("a", 1.0)), *b.add(msg("a", 2.5))]
-    assert closed == []  # each within 1.5 s of the previous one
-    closed = b.add(msg("b", 4.1))  # time moves on: a's turn (due at 4.0) closes
-    assert ids(closed) == [["a@0", "a@1.0", "a@2.5"]]
-    assert closed[0].text == "hi\nhi\nhi"
-    assert closed[0].turn_id == turn_id(msg("a", 0))
-    assert ids(b.flush()) == [["b@4.1"]]
+def turn_of(head: object) -> list[float]:
+    return [(r.message.received_at - T0).total_seconds() for r in head.turn]  # type: ignore[attr-defined]
 
 
-def test_a_gap_longer_than_the_window_starts_a_new_turn() -> None:
-    b = buffer()
-    b.add(msg("a", 0))
-    assert ids(b.add(msg("a", 1.6))) == [["a@0"]]
-    assert ids(b.flush()) == [["a@1.6"]]
+# (pending rows, rules, now, turn, ready, deadline in seconds or None)
+BURSTS = [
+    # messages within the window of the previous one fold into one turn
+    ((0, 1.0, 2.5), rules(), 4.1, [0, 1.0, 2.5], True, 4.0),
+    # still open at its deadline: a message received exactly then would still join
+    ((0, 1.0, 2.5), rules(), 4.0, [0, 1.0, 2.5], False, 4.0),
+    # a gap longer than the window: the turn closed before the next row
+    ((0, 1.6), rules(), 1.6, [0], True, 1.5),
+    # exactly the window still joins
+    ((0, 1.5), rules(), 1.5, [0, 1.5], False, 3.0),
+    # max_wait caps a turn that keeps growing
+    ((0, 0.9, 1.8, 2.7, 3.6), rules(window_s=1.0, max_wait_s=2.5), 3.6, [0, 0.9, 1.8], True,
+     2.5),
+    # max_messages closes it, whatever the time
+    ((0, 0.1, 0.2), rules(max_messages=2), 0.1, [0, 0.1], True, 1.6),
+    # a window of 0: one message per turn
+    ((0, 0), rules(window_s=0), 0, [0], True, 0),
+]
 
 
-def test_exactly_the_window_still_joins() -> None:
-    b = buffer()
-    b.add(msg("a", 0))
-    assert b.add(msg("a", 1.5)) == []
-    assert ids(b.flush()) == [["a@0", "a@1.5"]]
+@pytest.mark.parametrize(("pending", "rule", "now", "turn", "ready", "deadline"), BURSTS)
+def test_the_burst_rule(pending: tuple[float, ...], rule: BurstRules, now: float,
+                        turn: list[float], ready: bool, deadline: float) -> None:
+    head = plan_head(rows(*pending), (), rule, at(now))
+    assert (turn_of(head), head.ready, head.deadline) == (turn, ready, at(deadline))
+    assert head.closed == ()
 
 
-def test_max_wait_caps_a_turn_that_keeps_growing() -> None:
-    b = buffer(window_s=1.0, max_wait_s=2.5)
-    closed = []
-    for s in (0, 0.9, 1.8, 2.7, 3.6):
-        closed += b.add(msg("a", s))
-    closed += b.flush()
-    assert ids(closed) == [["a@0", "a@0.9", "a@1.8"], ["a@2.7", "a@3.6"]]
+def test_repeated_texts_and_reactions_close_without_joining() -> None:
+    head = plan_head(rows((0, "Hello  There"), (1, "hello there"), (1.2, "👍", "reaction"),
+                          (2.8, "price?")), (), rules(), at(10))
+    assert turn_of(head) == [0]  # the repeat and the reaction did not extend the turn
+    assert [(c.row_id, c.action, c.reason) for c in head.closed] == [
+        (1, "duplicate", "repeated text"), (2, "ignored", "reaction: nothing to answer")]
 
 
-def test_max_messages_closes_a_turn() -> None:
-    b = buffer(max_messages=2)
-    closed = []
-    for s in (0, 0.1, 0.2):
-        closed += b.add(msg("a", s))
-    assert ids(closed) == [["a@0", "a@0.1"]]
+def test_a_repeat_of_an_answered_message_is_a_duplicate_but_not_of_itself() -> None:
+    recent = [(at(-10), "hello")]
+    head = plan_head(rows((0, "hello"), (40, "hello")), recent, rules(), at(50))
+    assert [c.row_id for c in head.closed] == [0]  # said 10 s before: a repeat
+    assert turn_of(head) == [40]  # 40 s after the first time: news again
+    # the same row claimed again (its turn failed): never a duplicate of itself
+    assert plan_head(rows((0, "new")), [], rules(), at(50)).closed == ()
 
 
-def test_window_zero_means_one_message_per_turn() -> None:
-    b = buffer(window_s=0)
-    assert ids(b.add(msg("a", 0))) == [["a@0"]]
-    assert len(b) == 0
+def test_only_repeats_close_at_once_with_no_turn() -> None:
+    head = plan_head(rows((0, "hi"), (1, "hi", "reaction")), [(at(-1), "hi")], rules(), at(1))
+    assert head.turn == () and head.ready and len(head.closed) == 2
 
 
-def test_senders_do_not_mix_and_close_in_deadline_order() -> None:
-    b = buffer()
-    b.add(msg("b", 0.5))
-    b.add(msg("a", 0))
-    b.add(msg("a", 1.0))
-    assert ids(b.expire(T0 + dt.timedelta(seconds=3))) == [["b@0.5"], ["a@0", "a@1.0"]]
+def test_rows_after_the_turn_stay_pending() -> None:
+    head = plan_head(rows(0, (5, "hi")), (), rules(), at(6))
+    assert turn_of(head) == [0] and head.closed == ()
 
 
-def test_repeated_text_within_the_window_is_a_duplicate() -> None:
-    d = TextDeduper(dt.timedelta(seconds=30))
-    assert not d.is_repeat(msg("a", 0, "Hello  There"))
-    assert d.is_repeat(msg("a", 10, "hello there"))  # case and spaces do not matter
-    assert not d.is_repeat(msg("b", 10, "hello there"))  # another sender
-    assert not d.is_repeat(msg("a", 40.1, "hello there"))  # the window has passed
-    assert not d.is_repeat(msg("a", 41, ""))  # media without text are never repeats
-    assert not d.is_repeat(msg("a", 42, ""))
+@pytest.mark.parametrize(("first", "second", "repeat"), [
+    ("Hello  There", "hello there", True),  # case and spaces do not matter
+    ("", "", False),                        # media without text are never repeats
+])
+def test_text_memory(first: str, second: str, repeat: bool) -> None:
+    memory = TextMemory(dt.timedelta(seconds=30))
+    memory.remember(at(0), first)
+    assert memory.is_repeat(at(10), second) is repeat
+    assert not memory.is_repeat(at(40.1), second)  # the window has passed
+    assert not TextMemory(dt.timedelta(0)).is_repeat(at(0), first)  # off
 
 
-def test_text_dedupe_memory_is_bounded_by_the_window() -> None:
-    d = TextDeduper(dt.timedelta(seconds=1))
-    for n in range(10_000):
-        d.is_repeat(msg(f"s{n}", n * 0.01, f"text {n}"))
-    assert len(d) <= 101
-
-
-def test_text_dedupe_off() -> None:
-    d = TextDeduper(dt.timedelta(0))
-    assert not d.is_repeat(msg("a", 0)) and not d.is_repeat(msg("a", 0))
-
-
-async def test_live_turns_close_on_the_clock(autojump_clock: trio.testing.MockClock) -> None:
-    """Live: no later message comes, so the window must pass on (virtual) Trio time."""
-    base = trio.current_time()
-
-    def now() -> dt.datetime:
-        return T0 + dt.timedelta(seconds=trio.current_time() - base)
-
-    send, recv = trio.open_memory_channel[Any](10)
-    out_send, out_recv = trio.open_memory_channel[Any](10)
-    got: list[tuple[float, list[str]]] = []
-
-    async def collect() -> None:
-        async with out_recv:
-            async for turn in out_recv:
-                got.append((trio.current_time() - base, [m.message_id for m in turn.messages]))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
-        await nursery.start(lambda task_status: assemble_turns(
-            recv, out_send, buffer(window_s=1.5, max_wait_s=4), Metrics().stage("turns"),
-            wall_clock=now, task_status=task_status))
-        async with send:
-            for s in (0, 1, 2, 3, 10):
-                await trio.sleep_until(base + s)
-                await send.send(Stored(msg("a", s), redelivered=False))
-            await trio.sleep(2)
-    assert got == [(4, ["a@0", "a@1", "a@2", "a@3"]),  # max_wait after the first
-                   (11.5, ["a@10"])]                    # window after the last
+def test_turn_ids_cover_every_message() -> None:
+    one, two = msg(0), msg(1)
+    assert turn_id([one]) != turn_id([one, two]) != turn_id([two])
+    assert turn_id([one, two]) == turn_id([one, two])
