@@ -65,6 +65,41 @@ def wall_clock() -> WorkClock:
     return WorkClock(utcnow, at)
 
 
+#: the event time of a finite run whose sources have ended: every burst has closed
+END_OF_INPUT = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+
+
+@attrs.define
+class Watermark:
+    """Event time for a finite run fed as fast as it can be read (tests, benchmarks):
+    ``now()`` is the latest ``received_at`` whose rows are all in the inbox, so a burst
+    closes when a later message has been stored or the input has ended -- never because
+    the machine was slow. ``on_advance`` is told when it moves (the claimer looks again)."""
+
+    latest: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    ended: bool = False
+    on_advance: Callable[[], None] = lambda: None
+
+    def advance(self, to: dt.datetime) -> None:
+        if to > self.latest:
+            self.latest = to
+            self.on_advance()
+
+    def end(self) -> None:
+        self.ended = True
+        self.on_advance()
+
+    def now(self) -> dt.datetime:
+        return END_OF_INPUT if self.ended else self.latest
+
+    def at(self, when: dt.datetime) -> float:
+        """Event time passes ``when`` only when stored input says so: at once or never."""
+        return -math.inf if when <= self.now() else math.inf
+
+    def clock(self) -> WorkClock:
+        return WorkClock(self.now, self.at)
+
+
 class Wake:
     """What wakes the claimer: ``notify()`` asks it to look now (a slot is free, shutdown);
     ``due(t)`` tells it that work becomes due at ``t`` (new rows, a commit that left some),
@@ -83,6 +118,10 @@ class Wake:
         if at is not None and (self.hint is None or at < self.hint):
             self.hint = at
             self._event.set()
+
+    def poke(self) -> None:
+        """Time moved (event time): recompute how long to sleep."""
+        self._event.set()
 
     def take(self) -> dt.datetime | None:
         """Start a look: forget the requests so far (the look answers them)."""
@@ -173,6 +212,8 @@ class Claimer:
             self.wake.notify()  # the claimer may be waiting for a free slot
         if not self.in_flight:
             self._idle.set()
+            if self.finite is not None and self.finite.is_set():
+                self.wake.notify()  # the last turn of a replay: the claimer may be done
 
     def held(self) -> list[tuple[int, int]]:
         return [(c.conversation_id, c.token) for c, _ in self.in_flight.values()]

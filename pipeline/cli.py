@@ -326,7 +326,8 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             nursery.cancel_scope.cancel()
 
     with ExitStack() as stack:
-        sink = OutcomeSink(stack.enter_context(open(args.out, "a")) if args.out else None)
+        sink = OutcomeSink(stack.enter_context(open(args.out, "a")) if args.out else None,
+                           live=True)
         trio.run(main, sink)
     print("actions: " + ", ".join(f"{a}={n}" for a, n in sorted(sink.actions.items())))
     if cfg.metrics.summary:

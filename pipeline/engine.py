@@ -22,7 +22,7 @@ import httpx
 import trio
 from loguru import logger
 
-from pipeline.claims import Claimer, WorkClock, wall_clock
+from pipeline.claims import Claimer, Watermark, WorkClock, wall_clock
 from pipeline.concurrency import Backoff
 from pipeline.config import Config
 from pipeline.db import DatabaseError
@@ -108,7 +108,9 @@ Source = Callable[[Inlets], Awaitable[None]]
 class Pipeline:
     """One run of the stage graph. ``stop_sources()`` starts a graceful shutdown.
 
-    ``clock`` is the time turns are decided on (wall clock live, recorded time in a replay);
+    ``clock`` is the time turns are decided on (wall clock live, recorded time in a replay;
+    by default the wall clock when ``finite`` is false, else the event time of the input --
+    the latest ``received_at`` stored, see :class:`pipeline.claims.Watermark`);
     ``poll_s`` how often the claimer looks for work written by other processes (None: a
     replay, where this process wrote everything); ``finite``: the sources end by themselves
     and the run ends once all their work is done (a replay), not at a signal.
@@ -118,7 +120,7 @@ class Pipeline:
     store: Store
     sink: OutcomeSink
     metrics: Metrics = attrs.field(factory=Metrics)
-    clock: WorkClock = attrs.field(factory=wall_clock)
+    clock: WorkClock | None = None
     poll_s: float | None = None
     finite: bool = True
     roles: frozenset[str] = frozenset({"webhook", "turns", "delivery"})
@@ -184,6 +186,13 @@ class Pipeline:
         await nursery.start(collect_outcomes, done_r, self.sink)
         intake_done = trio.Event()
         claimer = None
+        watermark = None
+        if self.clock is None:
+            if self.finite:
+                watermark = Watermark()
+                self.clock = watermark.clock()
+            else:
+                self.clock = wall_clock()
         if "turns" in self.roles:
             turns, turns_r = trio.open_memory_channel[Turn](cap)
             claimer = self.claimer = Claimer(
@@ -193,14 +202,19 @@ class Pipeline:
                 renew=self.poll_s is not None, metrics=m)
             await self._start_turn_stages(nursery, turns_r, done.clone(), http, claimer)
             await nursery.start(claimer.run)
+            if watermark is not None:
+                watermark.on_advance = claimer.wake.poke
         def stored(due: dt.datetime) -> None:
             if claimer is not None:
                 claimer.wake.due(due)
 
         intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY,
-                        rules.first_due, stored)
+                        rules.first_due, stored,
+                        watermark.advance if watermark is not None else lambda latest: None)
         def intake_ended() -> None:
             intake_done.set()
+            if watermark is not None:
+                watermark.end()
             if claimer is not None:  # it may wait with nothing due: time to look, and end
                 claimer.wake.notify()
 
@@ -250,7 +264,7 @@ class Pipeline:
                                 then)
             recv = next_recv
         dispatch = Dispatch(store, handover, cfg.dispatch.transport, claimer.finished,
-                            self.clock.now, burst_rules(cfg).first_due, self.wake.notify,
+                            claimer.clock.now, burst_rules(cfg).first_due, self.wake.notify,
                             DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)

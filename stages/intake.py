@@ -52,6 +52,8 @@ class Intake:
     retry: Backoff | None = None
     first_due: dt.timedelta = dt.timedelta(0)
     stored: Callable[[dt.datetime], None] = lambda due: None
+    #: told the latest ``received_at`` of each batch once it is in the inbox (event time)
+    seen: Callable[[dt.datetime], None] = lambda latest: None
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         messages: list[InboundMessage] = []
@@ -69,6 +71,7 @@ class Intake:
         new = [s.message.received_at for s in stored if not s.redelivered]
         if new:
             self.stored(min(new) + self.first_due)
+        self.seen(max(m.received_at for m in messages))
         return [redelivered(s) for s in stored if s.redelivered]
 
     async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:

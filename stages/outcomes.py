@@ -46,6 +46,8 @@ class OutcomeSink:
     total: int = 0
     lines: list[Any] = attrs.field(factory=list)  # for tests that parse what was written
     t0: float = 0.0
+    #: a live run: every line is written and flushed at once (an operator tails the file)
+    live: bool = False
     #: called with each outcome and the Trio time it was produced (e.g. the HTML report)
     observers: list[Callable[[Outcome, float], None]] = attrs.field(factory=list)
     _instant: float | None = None
@@ -69,6 +71,9 @@ class OutcomeSink:
         self._instant = now
         line = json.dumps(outcome.as_json(), ensure_ascii=False)
         self._pending.append((canonical_key(outcome), line))
+        if self.live:
+            self.flush()
+            self.out.flush()
 
     def flush(self) -> None:
         """Write the lines of the current instant, in canonical order."""

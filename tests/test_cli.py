@@ -132,33 +132,59 @@ def test_json_logs_never_show_secrets(config_file: Path) -> None:
     assert "resolve-token-value" not in done.stderr + done.stdout
 
 
-def test_run_serves_webhooks_and_drains_on_sigterm(config_file: Path, tmp_path: Path) -> None:
+def _start_run(config_file: Path, out: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config",
+                             str(config_file), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening on http://127.0.0.1:"):
+        proc.kill()
+        raise AssertionError(proc.communicate()[1])
+    return proc, line.split()[-1]
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
     import signal
+
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
+def test_run_serves_webhooks_and_a_stopped_run_leaves_its_work_to_the_next(
+    config_file: Path, tmp_path: Path,
+) -> None:
+    """SIGTERM right after a webhook was acknowledged, before its burst window closed: the
+    message waits in the inbox (the stop does not wait for new bursts), and the next
+    ``pipeline run`` answers it -- once."""
+    import time
 
     import httpx
 
     text = config_file.read_text().replace("port = 8080", "port = 0")
     text = text.replace('record_dir = ""', f'record_dir = "{tmp_path / "rec"}"')
     config_file.write_text(text)
-    out = tmp_path / "outcomes.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config",
-                             str(config_file), "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    outs = [tmp_path / "outcomes-1.jsonl", tmp_path / "outcomes-2.jsonl"]
+    proc, url = _start_run(config_file, outs[0])
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), proc.stderr
-        url = line.split()[-1]
         body = json.loads((Path(__file__).parent / "fixtures/cloud-api/01_text.json").read_text())
         body["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = "wamid.cli-run"
         r = httpx.post(f"{url}/webhook/cloud-api", json=body, timeout=10)
         assert r.status_code == 200 and r.json()["stored"] == 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "actions: replied=1" in stdout
-    [line] = out.read_text().splitlines()
+        first = _stop(proc)
+    proc, _ = _start_run(config_file, outs[1])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                o.exists() and o.read_text() for o in outs):
+            time.sleep(0.05)
+    finally:
+        second = _stop(proc)
+    assert ("actions: replied=1" in first) != ("actions: replied=1" in second)
+    [line] = "".join(o.read_text() for o in outs if o.exists()).splitlines()
     assert json.loads(line)["message_id"] == "wamid.cli-run"
     [log] = (tmp_path / "rec").iterdir()
     replayed = run("replay", "--config", str(config_file), str(log))
