@@ -42,6 +42,9 @@ RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 #: when nothing was claimed, the claimer waits at least this long (trio seconds)
 MIN_PAUSE_S = 0.0005
+#: a finite run (a replay) gives a failing turn this many attempts, then leaves it pending
+#: in the database (a live process retries for as long as it runs)
+FINITE_ATTEMPTS = 3
 
 
 def owner_name() -> str:
@@ -52,10 +55,17 @@ def owner_name() -> str:
 @attrs.frozen
 class WorkClock:
     """The time turns are decided on: ``now()`` (wall clock live, recorded time in a
-    replay) and ``at(t)``, the Trio time at which ``now()`` reaches ``t``."""
+    replay), ``at(t)``, the Trio time at which ``now()`` reaches ``t``, and ``later(s)``:
+    ``s`` seconds from now (a retry's due time)."""
 
     now: Callable[[], dt.datetime]
     at: Callable[[dt.datetime], float]
+    after: Callable[[float], dt.datetime] | None = None
+
+    def later(self, seconds: float) -> dt.datetime:
+        if self.after is not None:
+            return self.after(seconds)
+        return self.now() + dt.timedelta(seconds=seconds)
 
 
 def wall_clock() -> WorkClock:
@@ -96,8 +106,12 @@ class Watermark:
         """Event time passes ``when`` only when stored input says so: at once or never."""
         return -math.inf if when <= self.now() else math.inf
 
+    def later(self, seconds: float) -> dt.datetime:
+        """Once the input has ended no more time passes: a retry is due at once."""
+        return END_OF_INPUT if self.ended else self.latest + dt.timedelta(seconds=seconds)
+
     def clock(self) -> WorkClock:
-        return WorkClock(self.now, self.at)
+        return WorkClock(self.now, self.at, self.later)
 
 
 class Wake:
@@ -160,6 +174,8 @@ class Claimer:
     owner: str = attrs.field(factory=owner_name)
     wake: Wake = attrs.field(factory=Wake)
     in_flight: dict[int, tuple[Claim, float]] = attrs.field(factory=dict)  # token → claim
+    #: a finite run's conversations whose turn failed FINITE_ATTEMPTS times: left pending
+    given_up: set[int] = attrs.field(factory=set)
     _idle: trio.Event = attrs.field(factory=trio.Event)
 
     def first_due(self) -> dt.timedelta:
@@ -188,14 +204,19 @@ class Claimer:
 
     async def failed(self, claim: Claim, exc: BaseException) -> None:
         """The turn failed: give its conversation back, due again after a pause."""
-        self._forget(claim)
         transient = isinstance(exc, DatabaseUnavailable)
-        attempts = 1 if transient else 2
+        attempts = claim.attempts + 1
         pause = retry_pause(attempts)
         self.metrics.counters["failed turns"] += 1
         if isinstance(exc, ClaimConflict):
             self.metrics.counters["claims lost"] += 1
-        due = self.clock.now() + dt.timedelta(seconds=pause)
+        if self.finite is not None and attempts >= FINITE_ATTEMPTS:
+            self.given_up.add(claim.conversation_id)
+            logger.bind(stage="claims").error(
+                "conversation {}: its turn failed {} times; left pending in the database "
+                "for the next run ({})", claim.conversation_id, attempts, exc)
+        due = self.clock.later(pause)
+        self._forget(claim)
         self.wake.due(due)
         try:
             with trio.move_on_after(self.store.query_timeout_s):
@@ -241,7 +262,8 @@ class Claimer:
             request = ClaimRequest(self.owner, now, free, self.lease_s, self.rules,
                                    rows_per_claim=4 * self.rules.max_messages + 16,
                                    held=tuple(c.conversation_id
-                                              for c, _ in self.in_flight.values()))
+                                              for c, _ in self.in_flight.values())
+                                   + tuple(self.given_up))
             try:
                 batch = await self.store.claim(request)
             except DatabaseError as exc:
@@ -285,7 +307,7 @@ class Claimer:
         rows = [PendingRow(row_id, msg) for row_id, msg in claimed.rows]
         head = plan_head(rows, claimed.recent, self.rules, now)
         claim = Claim(claimed.conversation_id, claimed.token,
-                      tuple(r.row_id for r in head.turn), head.closed)
+                      tuple(r.row_id for r in head.turn), head.closed, claimed.attempts)
         self.in_flight[claim.token] = (claim, time.monotonic())
         if not head.ready:
             assert head.deadline is not None

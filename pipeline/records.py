@@ -178,6 +178,7 @@ class Claim:
     token: int
     row_ids: tuple[int, ...]
     closed: tuple[Closed, ...] = ()
+    attempts: int = 0  # failed attempts of this conversation's head turn so far
 
 
 @attrs.frozen

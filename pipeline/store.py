@@ -664,7 +664,8 @@ SELECT
         ORDER BY cl.id) FROM claimed cl),
     (SELECT min(due_at) FROM later),
     (SELECT min(due_at) FROM conversations
-      WHERE due_at > %(now)b AND (lease_until IS NULL OR lease_until < now())),
+      WHERE due_at > %(now)b AND (lease_until IS NULL OR lease_until < now())
+        AND id <> ALL (%(held)b::bigint[])),
     (SELECT count(*) FROM cand)
 """
 

@@ -70,13 +70,38 @@ async def test_every_mode_gives_identical_outcomes(store: Store, conninfo: str) 
         assert results[mode][1] == baseline[1], mode
 
 
+#: the statements outside the context stage: how many of them there are depends on how
+#: intake's batches fell and when a claim looked, not on the context mode
+NOT_CONTEXT = ("claim", "release", "store_inbound", "commit_claim", "dead_letter",
+               "seed_instances", "load_instances", "renew", "release_all")
+
+
+class ContextCountingStore(Store):
+    """The real store; counts the calls made outside the context stage (one statement
+    each)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store.pool, store.query_timeout_s)
+        self.other_trips = 0
+
+    def __getattribute__(self, name: str) -> Any:
+        method = super().__getattribute__(name)
+        if name not in NOT_CONTEXT:
+            return method
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.other_trips += 1
+            return await method(*args, **kwargs)
+        return counted
+
+
 async def test_round_trips_per_mode(store: Store, conninfo: str) -> None:
     trips = {}
     for mode in MODES:
         sql(conninfo, f"TRUNCATE {TABLES} CASCADE")
-        before = store.round_trips
-        await replay(store, mode_config(mode))
-        trips[mode] = store.round_trips - before
+        counting = ContextCountingStore(store)
+        await replay(counting, mode_config(mode))
+        trips[mode] = counting.round_trips - counting.other_trips
     print(trips)
     assert trips["sequential"] == trips["parallel"]
     assert trips["single"] < trips["parallel"]
@@ -152,7 +177,11 @@ async def test_a_failing_required_load_fails_the_turn_and_leaves_it_pending(
                    for o in outcomes)
     pending = sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'")
     assert pending[0][0] > 0  # type: ignore[operator]
-    assert pipeline.gate.__len__() == 0  # every failed turn released its conversation
+    # every failed turn gave its conversation back, due again after a pause
+    assert sql(conninfo, "SELECT count(*) FROM conversations WHERE lease_owner IS NOT NULL"
+               " OR lease_until IS NOT NULL") == [(0,)]
+    assert sql(conninfo, "SELECT count(*) FROM conversations WHERE attempts > 0"
+               " AND last_error LIKE '%load failed on purpose%'")[0][0] > 0  # type: ignore[operator]
 
 
 async def test_single_statement_failure_falls_back_to_per_load_queries(store: Store) -> None:
