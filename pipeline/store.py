@@ -164,6 +164,10 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+#: the advisory lock that takes processes seeding ``instances`` at once in turn
+_SEED_LOCK = 0x70697065  # "pipe"
+
+
 class Store:
     """Small async API over a :class:`Pool`; see the module docstring."""
 
@@ -198,17 +202,23 @@ class Store:
         await self._all("SELECT 1")
 
     async def seed_instances(self, rows: Sequence[InstanceRow]) -> None:
-        """Make the ``instances`` table match the config (inserted or updated, never deleted)."""
-        await self._all(
-            "INSERT INTO instances (name, phone_number_id, evolution_instance, settings)"
-            " SELECT n, nullif(p, ''), nullif(e, ''), s"
-            " FROM unnest(%b::text[], %b::text[], %b::text[], %b::jsonb[]) AS t(n, p, e, s)"
-            " ON CONFLICT (name) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,"
-            " evolution_instance = EXCLUDED.evolution_instance, settings = EXCLUDED.settings,"
-            " updated_at = now()",
-            ([r.name for r in rows], [r.phone_number_id for r in rows],
-             [r.evolution_instance for r in rows], [Jsonb(r.settings) for r in rows]),
-        )
+        """Make the ``instances`` table match the config (inserted or updated, never deleted).
+
+        Processes starting together do this at once: an advisory lock takes them in turn (a
+        concurrent insert of the same instance would otherwise violate the unique phone
+        number id, which ``ON CONFLICT (name)`` does not arbitrate)."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%b)", (_SEED_LOCK,))
+            await conn.execute(
+                "INSERT INTO instances (name, phone_number_id, evolution_instance, settings)"
+                " SELECT n, nullif(p, ''), nullif(e, ''), s"
+                " FROM unnest(%b::text[], %b::text[], %b::text[], %b::jsonb[]) AS t(n, p, e, s)"
+                " ON CONFLICT (name) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,"
+                " evolution_instance = EXCLUDED.evolution_instance, settings = EXCLUDED.settings,"
+                " updated_at = now()",
+                ([r.name for r in rows], [r.phone_number_id for r in rows],
+                 [r.evolution_instance for r in rows], [Jsonb(r.settings) for r in rows]),
+            )
 
     async def load_instances(self) -> list[InstanceRow]:
         rows = await self._all("SELECT name, coalesce(phone_number_id, ''),"
@@ -423,7 +433,8 @@ class Store:
         rows = await self._all(
             "UPDATE conversations SET lease_owner = NULL, lease_until = NULL,"
             " attempts = attempts + %b::int, last_error = coalesce(%b, last_error),"
-            " due_at = %b WHERE id = %b AND lease_token = %b RETURNING id",
+            " due_at = %b WHERE id = %b AND lease_token = %b AND lease_until IS NOT NULL"
+            " RETURNING id",
             (int(failed), error, due, claim.conversation_id, claim.token))
         return bool(rows)
 
@@ -432,7 +443,8 @@ class Store:
         rows = await self._all(
             "UPDATE conversations c SET lease_until = now() + %b"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
-            " WHERE c.id = l.id AND c.lease_token = l.token RETURNING c.lease_token",
+            " WHERE c.id = l.id AND c.lease_token = l.token AND c.lease_until IS NOT NULL"
+            " RETURNING c.lease_token",
             (dt.timedelta(seconds=lease_s), [c for c, _ in leases], [t for _, t in leases]))
         return {int(r[0]) for r in rows}
 
@@ -441,7 +453,8 @@ class Store:
         rows = await self._all(
             "UPDATE conversations c SET lease_owner = NULL, lease_until = NULL"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
-            " WHERE c.id = l.id AND c.lease_token = l.token RETURNING c.id",
+            " WHERE c.id = l.id AND c.lease_token = l.token AND c.lease_until IS NOT NULL"
+            " RETURNING c.id",
             ([c for c, _ in leases], [t for _, t in leases]))
         return len(rows)
 
@@ -678,7 +691,7 @@ WITH lease AS (
             (SELECT min(i.received_at) FROM inbox i
               WHERE i.instance = c.instance AND i.sender = c.sender AND i.status = 'pending'
                 AND i.id <> ALL (%(ids)b::bigint[])) + %(next_due)b, %(now)b) END
-    WHERE c.id = %(conv)b AND c.lease_token = %(token)b
+    WHERE c.id = %(conv)b AND c.lease_token = %(token)b AND c.lease_until IS NOT NULL
     RETURNING c.id, c.due_at
 ), closed AS (
     UPDATE inbox SET status = 'processed', action = a.action, reason = a.reason,

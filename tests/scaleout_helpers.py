@@ -19,6 +19,7 @@ import datetime as dt
 import importlib.util
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -149,13 +150,15 @@ def scaleout_config(workdir: Path, conninfo: str, *, lease_s: float, poll_ms: fl
                     text: str | None = None, name: str = "pipeline.toml",
                     **sections: dict[str, Any]) -> Path:
     """``workdir/name``: the example config with the scenario's values (see
-    test_faults.base_values), or ``text``, and ``[pipeline] lease_s`` / ``poll_interval_ms``,
-    which the example does not spell out."""
-    text = text if text is not None else config_text(base_values(conninfo, **sections))
-    header = "[pipeline]\n"
-    assert text.count(header) == 1
-    text = text.replace(header, f"{header}lease_s = {lease_s!r}\n"
-                                f"poll_interval_ms = {poll_ms!r}\n")
+    test_faults.base_values) and ``[pipeline] lease_s`` / ``poll_interval_ms``; or ``text``
+    with those two put in place."""
+    timing = {"lease_s": lease_s, "poll_interval_ms": poll_ms}
+    if text is None:
+        pipeline = {**sections.pop("pipeline", {}), **timing}
+        text = config_text(base_values(conninfo, pipeline=pipeline, **sections))
+    for key, value in timing.items():
+        text, n = re.subn(rf"^{key} = \S+", f"{key} = {value!r}", text, count=1, flags=re.M)
+        assert n == 1, key
     path = workdir / name
     path.write_text(text)
     return path

