@@ -124,6 +124,8 @@ class Pipeline:
     poll_s: float | None = None
     finite: bool = True
     roles: frozenset[str] = frozenset({"webhook", "turns", "delivery"})
+    #: each instance's responder, instead of those the config builds (simulations)
+    responders: dict[str, Responder] | None = None
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     wake: Notifier = attrs.field(factory=Notifier, init=False)
     deliveries: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
@@ -254,7 +256,7 @@ class Pipeline:
         handlers = [
             ("context", LoadContext(loader, DB_RETRY)),
             ("escalation", Escalation(rules)),
-            ("respond", Respond(responders(cfg, http), rules)),
+            ("respond", Respond(self.responders or responders(cfg, http), rules)),
         ]
         recv = turns
         for name, handler in handlers:

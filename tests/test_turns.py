@@ -20,8 +20,8 @@ def at(seconds: float) -> dt.datetime:
 
 def msg(seconds: float, text: str | None = None, kind: str = "text") -> InboundMessage:
     return InboundMessage(instance="acme", message_id=f"m@{seconds}", sender="a", kind=kind,
-                          text=f"text {seconds}" if text is None else text, sent_at=at(seconds), received_at=at(seconds),
-                          format="cloud-api")
+                          text=f"text {seconds}" if text is None else text,
+                          sent_at=at(seconds), received_at=at(seconds), format="cloud-api")
 
 
 def rows(*items: float | tuple[float, str] | tuple[float, str, str]) -> list[PendingRow]:
