@@ -52,6 +52,24 @@ def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def dead_local_owners(owners: list[str], host: str) -> list[str]:
+    """The owners among ``owners`` that were processes of ``host`` and no longer run: their
+    leases need not be waited out (a process restarted after a crash takes its turns over at
+    once). Fencing tokens keep this safe even if a pid was reused."""
+    dead = []
+    for owner in owners:
+        name, _, pid = owner.rpartition(":")
+        if name != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.append(owner)
+        except PermissionError:
+            pass  # alive, someone else's
+    return dead
+
+
 @attrs.frozen
 class WorkClock:
     """The time turns are decided on: ``now()`` (wall clock live, recorded time in a
@@ -186,6 +204,7 @@ class Claimer:
             async with trio.open_nursery() as nursery:
                 if self.renew:
                     nursery.start_soon(self._renew_leases)
+                    await self._take_over_dead_local()
                 task_status.started()
                 with self.out:
                     await self._claim(nursery)
@@ -193,6 +212,22 @@ class Claimer:
                     self._idle = trio.Event()
                     await self._idle.wait()
                 nursery.cancel_scope.cancel()
+
+    async def _take_over_dead_local(self) -> None:
+        """Leases of crashed processes of this host are given back at once, not after
+        ``lease_s`` (other hosts' dead processes: after their leases expire)."""
+        host = socket.gethostname()
+        try:
+            dead = dead_local_owners(await self.store.lease_owners(f"{host}:"), host)
+            taken = await self.store.release_owners(dead) if dead else 0
+        except DatabaseError as exc:
+            logger.bind(stage="claims").warning("could not look for leases of dead processes "
+                                                "({}); they expire after {} s", exc, self.lease_s)
+            return
+        if taken:
+            logger.bind(stage="claims").warning(
+                "took over {} conversations of dead processes of this host ({}): their "
+                "turns are redone now", taken, ", ".join(dead))
 
     # --- the turn stages report back --------------------------------------------------------
 

@@ -448,6 +448,21 @@ class Store:
             (dt.timedelta(seconds=lease_s), [c for c, _ in leases], [t for _, t in leases]))
         return {int(r[0]) for r in rows}
 
+    async def lease_owners(self, prefix: str) -> list[str]:
+        """The owners (``host:pid``) holding leases whose name starts with ``prefix``."""
+        rows = await self._all("SELECT DISTINCT lease_owner FROM conversations"
+                               " WHERE lease_until IS NOT NULL AND starts_with(lease_owner, %b)",
+                               (prefix,))
+        return [str(r[0]) for r in rows]
+
+    async def release_owners(self, owners: Sequence[str]) -> int:
+        """Give back every lease of ``owners`` (processes known to be dead): due at once."""
+        rows = await self._all(
+            "UPDATE conversations SET lease_owner = NULL, lease_until = NULL"
+            " WHERE lease_until IS NOT NULL AND lease_owner = ANY(%b::text[]) RETURNING id",
+            (list(owners),))
+        return len(rows)
+
     async def release_all(self, leases: Sequence[tuple[int, int]]) -> int:
         """Give back leases whose turns were cancelled (shutdown): due again at once."""
         rows = await self._all(

@@ -375,3 +375,16 @@ async def test_a_message_stored_while_its_conversation_commits_is_never_forgotte
         sql(conninfo, "UPDATE conversations SET pending = 0, due_at = NULL WHERE sender = %s",
             (sender,))
 
+
+
+def test_only_dead_processes_of_this_host_are_taken_over() -> None:
+    import os
+    import subprocess
+
+    from pipeline.claims import dead_local_owners
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owners = [f"here:{gone.pid}", f"here:{os.getpid()}", "here:1", f"there:{gone.pid}",
+              "here:notapid", "here"]
+    assert dead_local_owners(owners, "here") == [f"here:{gone.pid}"]

@@ -578,7 +578,7 @@ class CrashResult:
     kills: int
     kills_at_start: int  # kills of a start before it listened
     starts: int
-    recovered: int  # inbox rows handed over at the starts (left pending by a killed run)
+    recovered: int  # conversations a start took over from the killed process (its leases)
     exit_code: int
     statuses: dict[int, int]
 
@@ -629,11 +629,14 @@ async def crash_scenario(cluster: Cluster, dbname: str, workdir: Path, seed: int
                 nursery.start_soon(killer)
                 with trio.fail_after(180):
                     await client.post_all(posts, workers=8)
+            # a stop takes no new work: let the last start do what the kills left
+            await until(all_processed(conninfo, client.acked), 60,
+                        "every acknowledged message processed")
             code, _ = await server.terminate(timeout_s=60)
         finally:
             server.kill()
             services.cancel_scope.cancel()
-    recovered = sum(int(n) for n in re.findall(r"handed over (\d+) messages left pending",
+    recovered = sum(int(n) for n in re.findall(r"took over (\d+) conversations of dead",
                                                server.log_text()))
     return CrashResult(tally(conninfo, client.acked, server.outcomes), killed, killed_at_start,
                        server.starts, recovered, code, dict(client.statuses))
@@ -789,9 +792,10 @@ async def outage_scenario(workdir: Path, *, outage_s: float = 4.0) -> OutageResu
             sum(a.status == 200 and a.sent > times["started"] for a in answers),
             first_after - times["started"], same, code,
             "inbox unavailable, answering 503" in log,
-            log.count("stays pending in the inbox"),
-            {stage: log.count(f"{stage}: database unavailable")
-             for stage in ("context", "dispatch")},
+            log.count("failed; its conversation is given back"),
+            {**{stage: log.count(f"{stage}: database unavailable")
+                for stage in ("context", "dispatch")},
+             "claims": log.count("claiming work failed")},
             sum(sends.values()), sum(rows.values()),
             sum(max(0, n - rows[number]) for number, n in sends.items()),
             log.count("cannot record delivered"))
@@ -822,7 +826,9 @@ def test_database_outage_answers_503_then_recovers_without_a_restart(
     assert result.same_process  # recovered without a restart
     assert result.log_mentions_outage
     assert result.failed_turns == 0  # turns waited for the database and went on
-    assert result.retries["context"] > 0 and result.retries["dispatch"] > 0, result.retries
+    # turns in flight waited for the database; whether the claimer or the context stage
+    # also met the outage depends on where the turns were (claims wait for a free slot)
+    assert result.retries["dispatch"] > 0, result.retries
     assert result.exit_code == 0
     assert t.problems == ()
     assert (t.lost, t.doubled, t.pending) == (0, 0, 0)
