@@ -56,7 +56,8 @@ def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list
         rows.append((f"SIGKILL at random points, restart (seed {seed})",
                      t.acknowledged, t.lost, t.doubled,
                      f"{r.kills} kills while serving + {r.kills_at_start} during a start; "
-                     f"{r.recovered} pending messages handed over at the {r.starts} starts; "
+                     f"{r.recovered} conversations of killed processes taken over at the "
+                     f"{r.starts} starts; "
                      f"final SIGTERM: exit {r.exit_code}; {len(t.problems)} problems"))
     return rows
 
@@ -72,8 +73,8 @@ def outage_rows(f: ModuleType, work: Path) -> list[Row]:
              t.lost, doubled,
              f"{r.answers_503} answers 503 (200 during the outage: {r.ok_during_outage}); "
              f"first 200 {r.recovered_s:.2f} s after the restart, same process: "
-             f"{'yes' if r.same_process else 'NO'}; retries: context "
-             f"{r.retries['context']}, dispatch {r.retries['dispatch']}; failed turns "
+             f"{'yes' if r.same_process else 'NO'}; retries: claims {r.retries['claims']}, "
+             f"context {r.retries['context']}, dispatch {r.retries['dispatch']}; failed turns "
              f"{r.failed_turns}; {r.replies_sent} sends for {r.replies_delivered} replies, "
              f"{r.unrecorded} sends not recorded")]
 
