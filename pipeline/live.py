@@ -19,7 +19,7 @@ from pipeline.config import Config
 from pipeline.db import open_pool
 from pipeline.engine import Inlets, Source, burst_rules, instance_directory
 from pipeline.metrics import Metrics
-from pipeline.recorded_log import LogRecorder
+from pipeline.recorded_log import LogRecorder, RecordDirError
 from pipeline.store import Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, LiveIntake, redelivered
@@ -40,6 +40,12 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
             await inlets.stopping.wait()
             return
         recorder = LogRecorder(cfg.webhook.record_dir) if cfg.webhook.record_dir else None
+        if recorder is not None:
+            try:
+                recorder.check()
+            except RecordDirError as exc:  # messages are never held up by the recording
+                logger.warning("{}: webhooks are served, but their bodies are not recorded "
+                               "until it is fixed", exc)
         if not cfg.webhook.app_secret:
             logger.warning("[webhook] app_secret is empty: Cloud API signatures are not checked")
         try:

@@ -31,7 +31,9 @@ from pipeline.pgcluster import Cluster  # noqa: E402
 
 
 def scenarios() -> ModuleType:
-    """tests/test_faults.py (the tests folder is not a package)."""
+    """tests/test_faults.py (the tests folder is not a package; its helpers, e.g.
+    tests/asgi.py, are imported as top-level modules, as pytest's rootdir does)."""
+    sys.path.insert(0, str(ROOT / "tests"))
     spec = importlib.util.spec_from_file_location("test_faults", ROOT / "tests" / "test_faults.py")
     assert spec is not None and spec.loader is not None
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)

@@ -204,3 +204,27 @@ def test_replay_into_a_given_database(config_file: Path, cluster: Cluster) -> No
         row = conn.execute("SELECT count(*) FROM inbox").fetchone()
     assert row is not None and row[0] > 0
     assert "database: (dsn)" in done.stdout
+
+
+def test_run_with_an_unwritable_record_dir_warns_at_start_and_serves(
+    config_file: Path, tmp_path: Path,
+) -> None:
+    import httpx
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    text = config_file.read_text().replace("port = 8080", "port = 0")
+    text = text.replace('record_dir = ""', f'record_dir = "{blocker / "rec"}"')
+    config_file.write_text(text)
+    proc, url = _start_run(config_file, tmp_path / "out.jsonl")
+    try:
+        body = json.loads((Path(__file__).parent / "fixtures/cloud-api/01_text.json").read_text())
+        body["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = "wamid.norecord"
+        r = httpx.post(f"{url}/webhook/cloud-api", json=body, timeout=10)
+        assert r.status_code == 200 and r.json()["stored"] == 1
+    finally:
+        proc.send_signal(__import__("signal").SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    [warning] = [line for line in stderr.splitlines() if "not recorded until" in line]
+    assert str(blocker) in warning and "Traceback" not in stderr
