@@ -34,7 +34,14 @@ from loguru import logger
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.metrics import Metrics
 from pipeline.records import Claim, Closed, Outcome, Turn, utcnow
-from pipeline.store import ClaimCommit, ClaimConflict, Claimed, ClaimRequest, Store
+from pipeline.store import (
+    ClaimCommit,
+    ClaimConflict,
+    Claimed,
+    ClaimRequest,
+    ContextRequest,
+    Store,
+)
 from stages.turns import BurstRules, PendingRow, plan_head, turn_id
 
 #: after a failed turn, its conversation is due again after this pause (doubling per failure)
@@ -188,6 +195,8 @@ class Claimer:
     stopping: trio.Event
     finite: trio.Event | None = None
     renew: bool = True
+    #: load each claimed conversation's context with the claim ([context] mode "claimed")
+    context: ContextRequest | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
     owner: str = attrs.field(factory=owner_name)
     wake: Wake = attrs.field(factory=Wake)
@@ -298,7 +307,8 @@ class Claimer:
                                    rows_per_claim=4 * self.rules.max_messages + 16,
                                    held=tuple(c.conversation_id
                                               for c, _ in self.in_flight.values())
-                                   + tuple(self.given_up))
+                                   + tuple(self.given_up),
+                                   context=self.context)
             try:
                 batch = await self.store.claim(request)
             except DatabaseError as exc:
@@ -354,7 +364,8 @@ class Claimer:
             return
         messages = tuple(r.message for r in head.turn)
         first = messages[0]
-        turn = Turn(turn_id(messages), first.instance, first.sender, messages, claim=claim)
+        turn = Turn(turn_id(messages), first.instance, first.sender, messages,
+                    context=claimed.context, claim=claim)
         waited = (max(now, messages[-1].received_at) - first.received_at).total_seconds()
         await self.out.send(turn.timed("buffer", max(0.0, waited) * 1000))
 

@@ -42,7 +42,7 @@ __all__ = [
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["console", "json"]
-ContextMode = Literal["sequential", "parallel", "single", "batched"]
+ContextMode = Literal["sequential", "parallel", "single", "batched", "claimed"]
 LoadName = Literal["conversation", "history", "webhook", "escalation", "interactions"]
 LoadPolicy = Literal["required", "default"]
 ResponderKind = Literal["rules", "openai"]
@@ -212,8 +212,9 @@ def _default_loads() -> dict[LoadName, LoadConfig]:
 class ContextConfig:
     """``[context]``: how the context of a turn is loaded."""
 
-    mode: ContextMode = setting("single", "how the loads run: sequential, parallel, single "
-                                "(one round trip) or batched")
+    mode: ContextMode = setting("claimed", "how the loads run: sequential, parallel, single "
+                                "(one round trip), batched, or claimed (loaded by the "
+                                "claim's statement: no round trip of its own)")
     history_chars: int = setting(800, "most characters of history loaded", ge=0)
     recent_interactions: int = setting(5, "AI interactions loaded", ge=0)
     batch_size: int = setting(64, "largest batch (batched mode)", ge=1)

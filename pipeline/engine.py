@@ -32,7 +32,7 @@ from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
 from pipeline.records import Invalid, Outcome, RawEvent, Turn
 from pipeline.runtime import batch_stage, keyed_stage
-from pipeline.store import InstanceRow, Store
+from pipeline.store import ContextRequest, InstanceRow, Store
 from stages.context import ContextBatcher, ContextLoader, LoadContext
 from stages.dispatch import Dispatch, Messages
 from stages.escalation import Escalation, EscalationRules, rules_from_config
@@ -201,7 +201,10 @@ class Pipeline:
                 self.store, rules, turns, done.clone(), self.clock,
                 cfg.pipeline.max_active_conversations, cfg.pipeline.lease_s, self.poll_s,
                 self.stopping, intake_done if self.finite else None,
-                renew=self.poll_s is not None, metrics=m)
+                renew=self.poll_s is not None, metrics=m,
+                context=ContextRequest(cfg.context.history_chars, cfg.context.recent_interactions,
+                                       cfg.escalation.min_confidence)
+                if cfg.context.mode == "claimed" else None)
             await self._start_turn_stages(nursery, turns_r, done.clone(), http, claimer)
             await nursery.start(claimer.run)
             if watermark is not None:

@@ -47,6 +47,17 @@ class ClaimRequest:
     rules: BurstRules
     rows_per_claim: int = 64
     held: tuple[int, ...] = ()  # conversations this process works on already
+    #: load each claimed conversation's context with the claim ([context] mode "claimed")
+    context: ContextRequest | None = None
+
+
+@attrs.frozen
+class ContextRequest:
+    """What a claim that loads the context loads: as ``Store.load_context`` does."""
+
+    history_chars: int
+    recent_interactions: int
+    min_confidence: float = 0.0
 
 
 @attrs.frozen
@@ -59,6 +70,7 @@ class Claimed:
     attempts: int
     rows: tuple[tuple[int, InboundMessage], ...]
     recent: tuple[tuple[dt.datetime, str], ...]
+    context: TurnContext | None = None  # when the claim loaded it
 
 
 @attrs.frozen
@@ -384,6 +396,10 @@ class Store:
             "lease": dt.timedelta(seconds=req.lease_s), "rows": req.rows_per_claim,
             "window": rules.window, "max_wait": rules.wait, "max_messages": rules.limit,
             "text_window": rules.text_window, "held": list(req.held),
+            "ctx": req.context is not None,
+            "chars": req.context.history_chars if req.context else 0,
+            "n": req.context.recent_interactions if req.context else 0,
+            "min_conf": req.context.min_confidence if req.context else 0.0,
         })
         claims_json, later, next_due, candidates = rows[0]
         return ClaimBatch(
@@ -411,6 +427,12 @@ class Store:
             "n": len(rows), "ids": [r[0] for r in rows], "actions": [r[1] for r in rows],
             "reasons": [r[2] for r in rows], "keys": [r[3] for r in rows],
             "next_due": commit.next_due, "now": commit.now,
+            "last_at": turn.messages[-1].received_at if turn else None,
+            "name": _sender_name(turn) if turn else None,
+            "ids_u": [m.message_id for m in turn.messages] if turn else [],
+            "kinds_u": [m.kind for m in turn.messages] if turn else [],
+            "bodies_u": [m.text for m in turn.messages] if turn else [],
+            "sent_u": [m.sent_at for m in turn.messages] if turn else [],
             "turn": turn.turn_id if turn else "", "prompt": turn.text if turn else "",
             "has_ai": reply is not None, "responder": reply.responder if reply else "",
             "ai_reply": reply.text if reply else "",
@@ -481,6 +503,8 @@ def _claimed(data: dict[str, Any]) -> Claimed:
         rows=tuple((int(r["id"]), message_from_json(r["message"])) for r in data["rows"] or ()),
         recent=tuple((dt.datetime.fromisoformat(r["at"]), r["text"] or "")
                      for r in data["recent"] or ()),
+        context=(_context(int(data["conv"]), *data["ctx"]) if data.get("ctx") is not None
+                 else None),
     )
 
 
@@ -679,6 +703,11 @@ WITH cand AS (
 SELECT
     (SELECT json_agg(json_build_object(
         'conv', cl.id, 'token', cl.lease_token, 'attempts', cl.attempts,
+        'ctx', CASE WHEN %(ctx)b THEN json_build_array(""" \
+    + _HISTORY_OF.format(conv="cl.id", turn="''") + """,
+            (SELECT settings ->> 'webhook_url' FROM instances WHERE name = cl.instance),""" \
+    + _ESCALATED_OF.format(conv="cl.id") + "," \
+    + _FALLBACKS_OF.format(conv="cl.id", turn="''") + """) END,
         'rows', (SELECT json_agg(json_build_object('id', p.id, 'message', p.message)
                                  ORDER BY p.received_at, p.id)
                  FROM pend p WHERE p.conv = cl.id),
@@ -702,6 +731,8 @@ _COMMIT_CLAIM = """
 WITH lease AS (
     UPDATE conversations c SET lease_owner = NULL, lease_until = NULL, attempts = 0,
         last_error = NULL, pending = c.pending - %(n)b,
+        last_message_at = greatest(c.last_message_at, %(last_at)b),
+        sender_name = coalesce(%(name)b, c.sender_name),
         due_at = CASE WHEN c.pending - %(n)b <= 0 THEN NULL ELSE coalesce(
             (SELECT min(i.received_at) FROM inbox i
               WHERE i.instance = c.instance AND i.sender = c.sender AND i.status = 'pending'
@@ -723,10 +754,21 @@ WITH lease AS (
     WHERE %(has_ai)b AND EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (turn_id) DO NOTHING
     RETURNING 1
-), said AS (
+), users AS (  -- the turn's messages (a context load may have stored them already)
+    INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id,
+                          sent_at)
+    SELECT %(conv)b, %(instance)b, t.id, 'user', t.kind, t.body, %(turn)b, t.sent
+    FROM unnest(%(ids_u)b::text[], %(kinds_u)b::text[], %(bodies_u)b::text[],
+                %(sent_u)b::timestamptz[]) AS t(id, kind, body, sent)
+    WHERE EXISTS (SELECT 1 FROM lease)
+    ON CONFLICT (instance, message_id) DO UPDATE SET turn_id = EXCLUDED.turn_id
+    WHERE messages.role = 'user' AND messages.turn_id IS DISTINCT FROM EXCLUDED.turn_id
+    RETURNING 1
+), said AS (  -- after the user messages (history is ordered by id): it reads `users`
     INSERT INTO messages (conversation_id, instance, message_id, role, kind, body, turn_id)
     SELECT %(conv)b, %(instance)b, %(reply_id)b, 'assistant', 'text', %(reply_text)b, %(turn)b
     WHERE %(reply_text)b::text IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
+      AND (SELECT count(*) FROM users) >= 0
     ON CONFLICT (instance, message_id) DO NOTHING
     RETURNING 1
 ), esc AS (

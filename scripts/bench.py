@@ -100,7 +100,7 @@ from stages.turns import BurstRules
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # latency_proxy.py lives here
 import latency_proxy
 
-MODES = ("sequential", "parallel", "single", "batched")
+MODES = ("sequential", "parallel", "single", "batched", "claimed")
 INSTANCE, PHONE_ID = "bench", "15550001111"
 EPOCH = dt.datetime(2025, 9, 1, 9, 0, tzinfo=dt.UTC)
 RTT_SAMPLES = 200

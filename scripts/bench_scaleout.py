@@ -112,7 +112,7 @@ class Settings:
     delay_ms: float = 5.0
     max_active: int = 16
     pool_size: int = 4
-    mode: str = "single"
+    mode: str = "claimed"
     repeat: int = 1
 
 
@@ -603,7 +603,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="[pipeline] max_active_conversations of each process (default 16)")
     p.add_argument("--pool-size", type=int, default=4,
                    help="[database] pool_size of each process (default 4)")
-    p.add_argument("--mode", default="single", choices=bench.MODES, help="[context] mode")
+    p.add_argument("--mode", default="claimed", choices=bench.MODES, help="[context] mode")
     p.add_argument("--repeat", type=int, default=1, help="runs per process count (median)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)

@@ -73,6 +73,8 @@ class ContextLoader:
         if self.instances.get(turn.instance) is None:  # the cache: no round trip
             raise ContextFailed(f"instance {turn.instance!r} is not in the instances table")
         mode = self.cfg.mode
+        if mode == "claimed" and turn.context is not None:
+            return turn.context  # the claim loaded it, in its own statement
         if mode == "sequential":
             return await self.by_load(turn, together=False)
         if mode == "parallel":

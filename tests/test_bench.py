@@ -73,7 +73,7 @@ def test_bad_arguments_are_explained(capsys: pytest.CaptureFixture[str]) -> None
     assert bench.main(["--modes", "single,fast"]) == 2
     assert capsys.readouterr().err.strip() == (
         "bench.py: --modes must be a comma-separated list of sequential, parallel, single, "
-        "batched, not 'single,fast'")
+        "batched, claimed, not 'single,fast'")
     assert bench.main(["--redelivery-share", "2"]) == 2
     assert capsys.readouterr().err.strip() == (
         "bench.py: --redelivery-share must be within 0..1, not 2.0")

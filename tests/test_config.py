@@ -130,7 +130,7 @@ def test_schema_defaults() -> None:
     assert cfg.webhook.port == 8080 and cfg.webhook.max_body_bytes == 1048576
     assert cfg.intake.buffer.window_ms == 1500 and cfg.intake.buffer.max_wait_ms == 5000
     assert cfg.dedupe.content_window_s == 30.0
-    assert cfg.context.mode == "single"
+    assert cfg.context.mode == "claimed"
     assert cfg.escalation.keywords[:2] == ("human", "agent")
     assert cfg.dispatch.transport == "dry" and cfg.dispatch.backoff_max_s == 60.0
     assert cfg.responders == {"rules": ResponderConfig()}

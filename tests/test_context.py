@@ -20,7 +20,7 @@ from pipeline.engine import Pipeline
 from pipeline.store import Store
 from stages.outcomes import OutcomeSink
 
-MODES = ("sequential", "parallel", "single", "batched")
+MODES = ("sequential", "parallel", "single", "batched", "claimed")
 TABLES = "inbox, messages, ai_interactions, escalations, outbox, dead_letters, conversations"
 
 
@@ -106,6 +106,7 @@ async def test_round_trips_per_mode(store: Store, conninfo: str) -> None:
     assert trips["sequential"] == trips["parallel"]
     assert trips["single"] < trips["parallel"]
     assert trips["batched"] <= trips["single"]
+    assert trips["claimed"] == 0  # the claims load the context: no statement of its own
 
 
 async def test_no_hold_and_wait_with_more_conversations_than_connections(

@@ -26,15 +26,19 @@ RULES = [{"match": "price", "reply": "Prices start at 10."},
          {"match": "hours", "reply": "We open 9-18."}]
 
 
-def make_config(**pipeline: Any) -> Config:
-    return parse_config({
+def _config_data(**pipeline: Any) -> dict[str, Any]:
+    return {
         "pipeline": {"channel_capacity": 4, "max_active_conversations": 8, **pipeline},
         "responders": {"rules": {"kind": "rules", "rules": RULES}},
         "instances": [
             {"name": "demo", "phone_number_id": "1122334455667"},
             {"name": "loja", "evolution_instance": "loja"},
         ],
-    }, "test")
+    }
+
+
+def make_config(**pipeline: Any) -> Config:
+    return parse_config(_config_data(**pipeline), "test")
 
 
 def log_source(path: Path) -> Any:
@@ -276,7 +280,10 @@ async def test_a_hanging_context_load_does_not_stall_a_hundred_conversations(
         message["from"], message["id"] = sender, f"wamid.hol{n}"
         events.append(RawEvent(base.received_at, "cloud-api", body))
     sink = OutcomeSink()
-    pipeline = Pipeline(make_config(max_active_conversations=8), hanging, sink)
+    # mode single: the context has its own statement (in mode claimed the claim loads it)
+    cfg = parse_config({**_config_data(max_active_conversations=8), "context": {"mode": "single"}},
+                       "test")
+    pipeline = Pipeline(cfg, hanging, sink)
 
     async def source(inlets: Inlets) -> None:
         for event in events:

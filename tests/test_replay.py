@@ -66,7 +66,7 @@ async def test_context_modes_do_not_change_the_outcomes_file(
     virtual_clock: VirtualClock, cluster: Cluster, tmp_path: Path,
 ) -> None:
     files = {}
-    for mode in ("sequential", "parallel", "single", "batched"):
+    for mode in ("sequential", "parallel", "single", "batched", "claimed"):
         text = await outcomes_file(config_on(cluster, tmp_path, mode=f'"{mode}"'))
         # timings differ on purpose: batched waits batch_delay_ms of (virtual) time
         files[mode] = re.sub(r'"timings_ms": \{[^}]*\}', "", text)
