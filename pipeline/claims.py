@@ -86,6 +86,9 @@ class WorkClock:
     now: Callable[[], dt.datetime]
     at: Callable[[dt.datetime], float]
     after: Callable[[float], dt.datetime] | None = None
+    #: live: claims and commits decide on the database's clock (which stamps live
+    #: intake's received_at); ``now`` is then only this process's estimate of it
+    database: bool = False
 
     def later(self, seconds: float) -> dt.datetime:
         if self.after is not None:
@@ -97,7 +100,7 @@ def wall_clock() -> WorkClock:
     def at(when: dt.datetime) -> float:
         return trio.current_time() + (when - utcnow()).total_seconds()
 
-    return WorkClock(utcnow, at)
+    return WorkClock(utcnow, at, database=True)
 
 
 #: the event time of a finite run whose sources have ended: every burst has closed
@@ -302,8 +305,8 @@ class Claimer:
                 await self.wake.wait_until(math.inf)
                 continue
             hint = self.wake.take()
-            now = self.clock.now()
-            request = ClaimRequest(self.owner, now, free, self.lease_s, self.rules,
+            request = ClaimRequest(self.owner, None if self.clock.database else self.clock.now(),
+                                   free, self.lease_s, self.rules,
                                    rows_per_claim=4 * self.rules.max_messages + 16,
                                    held=tuple(c.conversation_id
                                               for c, _ in self.in_flight.values())
@@ -320,6 +323,7 @@ class Claimer:
                 await self.wake.wait_until(trio.current_time() + pause)
                 continue
             failures = 0
+            now = batch.now
             self.metrics.counters["claims"] += len(batch.claims)
             for claimed in batch.claims:
                 await self._take(claimed, now, nursery)
@@ -383,7 +387,8 @@ class Claimer:
 
     async def _close(self, claim: Claim, instance: str) -> None:
         """A claim without a turn (only repeated texts or reactions): close its rows."""
-        commit = close_commit(claim, instance, self.rules, self.clock.now())
+        commit = close_commit(claim, instance, self.rules,
+                              None if self.clock.database else self.clock.now())
         try:
             result = await self.store.commit_claim(commit)
         except DatabaseError as exc:
@@ -429,7 +434,7 @@ def claim_key(claim: Claim) -> str:
 
 
 def close_commit(claim: Claim, instance: str, rules: BurstRules,
-                 now: dt.datetime) -> ClaimCommit:
+                 now: dt.datetime | None) -> ClaimCommit:
     key = claim_key(claim)
     rows = tuple((c.row_id, c.action, c.reason, key) for c in claim.closed)
     return ClaimCommit(claim, instance, rows, None, rules.first_due, now)

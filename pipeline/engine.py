@@ -268,8 +268,9 @@ class Pipeline:
             await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
                                 then)
             recv = next_recv
+        clock = claimer.clock
         dispatch = Dispatch(store, handover, cfg.dispatch.transport, claimer.finished,
-                            claimer.clock.now, burst_rules(cfg).first_due, self.wake.notify,
+                            (lambda: None) if clock.database else clock.now, burst_rules(cfg).first_due, self.wake.notify,
                             DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)

@@ -38,10 +38,11 @@ _CONFLICT_STATE = "PC001"  # raised by pipeline_conflict() (migration 0004)
 
 @attrs.frozen
 class ClaimRequest:
-    """What :meth:`Store.claim` takes: up to ``limit`` conversations due at ``now``."""
+    """What :meth:`Store.claim` takes: up to ``limit`` conversations due at ``now`` (None:
+    the database's clock, which live intake stamps ``received_at`` with)."""
 
     owner: str
-    now: dt.datetime
+    now: dt.datetime | None
     limit: int
     lease_s: float
     rules: BurstRules
@@ -78,6 +79,7 @@ class ClaimBatch:
     claims: tuple[Claimed, ...]
     next_due: dt.datetime | None  # the earliest due work not claimed now
     candidates: int  # conversations that were due (claimed, deferred or found idle)
+    now: dt.datetime  # the time the claim decided on (the database's clock if asked)
 
 
 @attrs.frozen
@@ -97,7 +99,7 @@ class ClaimCommit:
     rows: tuple[tuple[int, str, str | None, str], ...]
     effects: TurnEffects | None
     next_due: dt.timedelta
-    now: dt.datetime
+    now: dt.datetime | None  # None: the database's clock
 
 
 @attrs.frozen
@@ -238,7 +240,8 @@ class Store:
         return [InstanceRow(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def store_inbound(self, messages: Sequence[InboundMessage],
-                           first_due: dt.timedelta = dt.timedelta(0)) -> list[Stored]:
+                           first_due: dt.timedelta = dt.timedelta(0), *,
+                           stamp: bool = False) -> list[Stored]:
         """Write messages to the inbox; return each as :class:`Stored`, ``redelivered`` when
         its id was already there (in the batch or stored before).
 
@@ -247,6 +250,12 @@ class Store:
         conversations and makes each due ``first_due`` after its oldest new row (the earliest
         its turn can close), opening the conversation of a sender seen for the first time, in
         arrival order, so conversation ids follow the order of the log.
+
+        ``stamp`` (live intake): the new rows' ``received_at`` is the database's clock at the
+        write, not the process's. Then the time a burst is decided on and the time a row
+        becomes visible come from one clock: a message whose write was slow is simply
+        received later (never earlier than a row a claim has already seen), and processes on
+        several machines need no synchronised clocks.
         """
         first: dict[tuple[str, str], int] = {}
         repeats: dict[tuple[str, str], int] = {}
@@ -269,6 +278,7 @@ class Store:
             "c_instances": [k[0] for k in senders], "c_senders": [k[1] for k in senders],
             "c_names": [m.sender_name for m in senders.values()],
             "c_at": [m.received_at for m in senders.values()], "first_due": first_due,
+            "stamp": stamp,
         })
         inserted = {(r[0], r[1]) for r in rows if r[2]}
         return [
@@ -401,11 +411,12 @@ class Store:
             "n": req.context.recent_interactions if req.context else 0,
             "min_conf": req.context.min_confidence if req.context else 0.0,
         })
-        claims_json, later, next_due, candidates = rows[0]
+        claims_json, later, next_due, candidates, now = rows[0]
         return ClaimBatch(
             claims=tuple(_claimed(c) for c in claims_json or ()),
             next_due=min((t for t in (later, next_due) if t is not None), default=None),
             candidates=int(candidates),
+            now=now,
         )
 
     async def commit_claim(self, commit: ClaimCommit) -> Committed:
@@ -509,11 +520,20 @@ def _claimed(data: dict[str, Any]) -> Claimed:
 
 
 _STORE_INBOUND = """
-WITH ins AS (
+WITH given AS (  -- live intake stamps received_at with the database's clock (`stamp`)
+    SELECT u.instance, u.id, u.sender, u.format,
+           CASE WHEN %(stamp)b THEN clock_timestamp() ELSE u.received END AS received,
+           u.message, u.repeats, u.ord
+    FROM unnest(%(instances)b::text[], %(ids)b::text[], %(senders)b::text[],
+                %(formats)b::text[], %(received)b::timestamptz[], %(messages)b::jsonb[],
+                %(repeats)b::int[]) WITH ORDINALITY
+         AS u(instance, id, sender, format, received, message, repeats, ord)
+), ins AS (
     INSERT INTO inbox (instance, message_id, sender, format, received_at, message, redeliveries)
-    SELECT * FROM unnest(%(instances)b::text[], %(ids)b::text[], %(senders)b::text[],
-                         %(formats)b::text[], %(received)b::timestamptz[], %(messages)b::jsonb[],
-                         %(repeats)b::int[])
+    SELECT instance, id, sender, format, received,
+           CASE WHEN %(stamp)b THEN jsonb_set(message, '{received_at}', to_jsonb(received))
+                ELSE message END, repeats
+    FROM given ORDER BY ord
     ON CONFLICT (instance, message_id)
     DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
     RETURNING instance, message_id, sender, received_at, (xmax = 0) AS inserted
@@ -656,9 +676,10 @@ FROM input JOIN conv ON conv.instance = input.instance AND conv.sender = input.s
 # never earlier than the one the claim then computes without them (stages/turns.py): every
 # row that can join the turn is in the inbox when it is claimed.
 _CLAIM = """
-WITH cand AS (
+WITH clock AS (SELECT coalesce(%(now)b::timestamptz, clock_timestamp()) AS now),
+cand AS (
     SELECT id, instance, sender FROM conversations
-    WHERE due_at <= %(now)b AND (lease_until IS NULL OR lease_until < now())
+    WHERE due_at <= (SELECT now FROM clock) AND (lease_until IS NULL OR lease_until < now())
       AND id <> ALL (%(held)b::bigint[])
     ORDER BY due_at, id LIMIT %(limit)b
     FOR UPDATE SKIP LOCKED
@@ -684,7 +705,8 @@ WITH cand AS (
 ), decided AS (
     SELECT conv, first_at, least(last_at + %(window)b, first_at + %(max_wait)b) AS deadline,
            followed OR n >= %(max_messages)b
-               OR least(last_at + %(window)b, first_at + %(max_wait)b) < %(now)b AS ready
+               OR least(last_at + %(window)b, first_at + %(max_wait)b)
+                  < (SELECT now FROM clock) AS ready
     FROM heads
 ), claimed AS (
     UPDATE conversations c SET lease_owner = %(owner)b, lease_token = nextval('lease_tokens'),
@@ -721,9 +743,11 @@ SELECT
         ORDER BY cl.id) FROM claimed cl),
     (SELECT min(due_at) FROM later),
     (SELECT min(due_at) FROM conversations
-      WHERE due_at > %(now)b AND (lease_until IS NULL OR lease_until < now())
+      WHERE due_at > (SELECT now FROM clock)
+        AND (lease_until IS NULL OR lease_until < now())
         AND id <> ALL (%(held)b::bigint[])),
-    (SELECT count(*) FROM cand)
+    (SELECT count(*) FROM cand),
+    (SELECT now FROM clock)
 """
 
 # a claim's commit: everything or nothing, and only while the lease carries our token
@@ -736,7 +760,8 @@ WITH lease AS (
         due_at = CASE WHEN c.pending - %(n)b <= 0 THEN NULL ELSE coalesce(
             (SELECT min(i.received_at) FROM inbox i
               WHERE i.instance = c.instance AND i.sender = c.sender AND i.status = 'pending'
-                AND i.id <> ALL (%(ids)b::bigint[])) + %(next_due)b, %(now)b) END
+                AND i.id <> ALL (%(ids)b::bigint[])) + %(next_due)b,
+            coalesce(%(now)b::timestamptz, clock_timestamp())) END
     WHERE c.id = %(conv)b AND c.lease_token = %(token)b AND c.lease_until IS NOT NULL
     RETURNING c.id, c.due_at
 ), closed AS (

@@ -63,7 +63,7 @@ def effects(turn: Turn, messages: Messages, delivered: bool) -> TurnEffects:
 
 
 def turn_commit(turn: Turn, fx: TurnEffects, next_due: dt.timedelta,
-                now: dt.datetime) -> ClaimCommit:
+                now: dt.datetime | None) -> ClaimCommit:
     """The rows a turn's commit closes (pure): the last message carries the turn's action,
     the others are merged; the rows its claim closed without it keep theirs."""
     claim = turn.claim
@@ -102,7 +102,7 @@ class Dispatch:
     messages: dict[str, Messages]  # by instance
     transport: str
     finished: Callable[[Claim, dt.datetime | None], None]
-    now: Callable[[], dt.datetime]
+    now: Callable[[], dt.datetime | None]  # None: the database's clock
     next_due: dt.timedelta
     on_commit: Callable[[], None] | None = None
     retry: Backoff | None = None

@@ -118,7 +118,8 @@ class LiveIntake:
         messages = [p for p in parsed if isinstance(p, InboundMessage)]
         invalid = tuple(p for p in parsed if isinstance(p, Invalid))
         finished_parts = tuple(finished(p) for p in parsed if not isinstance(p, InboundMessage))
-        stored = (await self.store.store_inbound(messages, self.first_due) if messages
+        stored = (await self.store.store_inbound(messages, self.first_due, stamp=True)
+                  if messages
                   else [])
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))

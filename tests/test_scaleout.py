@@ -333,17 +333,14 @@ async def test_a_burst_split_between_two_processes_is_one_turn(
     assert sql(conninfo, "SELECT count(*) FROM ai_interactions") == [(3,)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limit (README): a burst closes on the rows visible at its deadline; a message "
-    "whose inbox write lands later becomes a turn of its own, committed after the later "
-    "message's although its received_at is earlier. Fix planned: stamp received_at with "
-    "the database's clock at the write, so that visibility and time order agree"))
 async def test_a_burst_split_between_two_processes_is_one_turn_when_one_inbox_write_is_slow(
         cluster: Cluster, dbname: str, tmp_path: Path) -> None:
     """The same with the default window (1.5 s), but process A's inbox write of the first
-    message takes 2 s (its database connection is slow: :class:`DelayProxy`). The message
-    was received first -- its ``received_at`` is stamped before the write -- so it belongs
-    to the burst and comes first in the conversation, whenever its row becomes visible."""
+    message takes 2 s (its database connection is slow: :class:`DelayProxy`). Live intake
+    stamps ``received_at`` with the database's clock at the write, so the message is
+    received when its row is written: after B's, and after B's burst closed. Two turns, B's
+    first, and the conversation's order is the order of ``received_at`` (before this, A kept
+    the earlier process-clock stamp while B's turn was already committed: out of order)."""
     conninfo = cluster.conninfo(dbname)
     directory = default_directory()
     sender = "5531990099999"
@@ -386,9 +383,10 @@ async def test_a_burst_split_between_two_processes_is_one_turn_when_one_inbox_wr
     _report("burst with a slow inbox write", verdict)
     assert proxy.fired == 1 and max(acked_after) >= 2.0  # A's write did take 2 s
     assert codes == [0, 0]
-    assert [r[0] for r in rows] == ["wamid.lateburst.0", "wamid.lateburst.1"]
-    _check(verdict)  # fails: the later message's turn is committed first (order)
-    assert [r[2] for r in rows] == ["merged", "replied"] and rows[0][3] == rows[1][3]
+    assert [r[0] for r in rows] == ["wamid.lateburst.1", "wamid.lateburst.0"]
+    _check(verdict)  # order included: B's turn, then A's
+    assert [r[2] for r in rows] == ["replied", "replied"] and rows[0][3] != rows[1][3]
+    assert rows[0][4] < rows[1][4]  # B's turn committed first
 
 
 # --- 4. a conversation with a human ------------------------------------------------------------
