@@ -270,8 +270,8 @@ class Pipeline:
             recv = next_recv
         clock = claimer.clock
         dispatch = Dispatch(store, handover, cfg.dispatch.transport, claimer.finished,
-                            (lambda: None) if clock.database else clock.now, burst_rules(cfg).first_due, self.wake.notify,
-                            DB_RETRY)
+                            (lambda: None) if clock.database else clock.now,
+                            burst_rules(cfg).first_due, self.wake.notify, DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
 
