@@ -92,7 +92,7 @@ MONITOR = "/* scaleout monitor */ "  # the benchmark's own statements carry this
 ANSWERED = ("replied", "escalated", "held")
 #: pg_stat_statements text -> what the statement is (first match wins)
 KINDS = (
-    ("claim", "WITH cand AS"),
+    ("claim", "FOR UPDATE SKIP LOCKED"),
     ("commit", "WITH lease AS"),
     ("renew", "SET lease_until = now() +"),
     ("release", "SET lease_owner = NULL"),
