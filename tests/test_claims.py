@@ -388,3 +388,32 @@ def test_only_dead_processes_of_this_host_are_taken_over() -> None:
     owners = [f"here:{gone.pid}", f"here:{os.getpid()}", "here:1", f"there:{gone.pid}",
               "here:notapid", "here"]
     assert dead_local_owners(owners, "here") == [f"here:{gone.pid}"]
+
+
+async def test_a_start_takes_over_the_leases_of_a_dead_process_of_its_host(
+    store: Store, conninfo: str,
+) -> None:
+    """A process restarted after a crash does not wait ``lease_s`` for its predecessor's
+    leases: their owner (same host, pid gone) is dead, so the new claimer gives them back at
+    start -- and leaves a living process's and another host's alone."""
+    import socket
+    import subprocess
+
+    from pipeline.claims import Claimer
+
+    gone = subprocess.Popen(["true"])  # noqa: ASYNC220 -- a pid that has just ended
+    gone.wait()
+    host = socket.gethostname()
+    await _seed(store, conninfo, message("a", "a1", 0, "hi"), message("b", "b1", 0, "hi"),
+                message("c", "c1", 0, "hi"))
+    owners = {"a": f"{host}:{gone.pid}", "b": f"{host}:1", "c": f"elsewhere:{gone.pid}"}
+    for sender, owner in owners.items():
+        sql(conninfo, "UPDATE conversations SET lease_owner = %s, lease_token = 1,"
+            " lease_until = now() + interval '1 hour' WHERE sender = %s", (owner, sender))
+    send, _ = trio.open_memory_channel[Turn](1)
+    done, _ = trio.open_memory_channel[Outcome](1)
+    claimer = Claimer(store, burst_rules(config()), send, done, WorkClock(lambda: BASE,
+                      lambda t: 0.0), 8, 30.0, 1.0, trio.Event())
+    await claimer._take_over_dead_local()
+    assert sql(conninfo, "SELECT sender, lease_owner FROM conversations ORDER BY sender") == [
+        ("a", None), ("b", owners["b"]), ("c", owners["c"])]

@@ -661,7 +661,8 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(cluster: Cluster, tm
           f"recovered={result.recovered} statuses={result.statuses} actions={t.actions}")
     assert result.kills == 3
     assert result.starts == 4 + result.kills_at_start
-    assert result.recovered > 0  # the kills left work behind, and the starts took it up
+    # the kills may or may not find turns in flight (result.recovered counts the leases the
+    # starts took over; tests/test_claims.py covers the takeover itself); nothing is lost:
     assert result.exit_code == 0
     assert t.acknowledged >= 300  # the sample's user messages and the generated ones
     assert t.problems == ()
