@@ -73,7 +73,7 @@ def dead_local_owners(owners: list[str], host: str) -> list[str]:
         except ProcessLookupError:
             dead.append(owner)
         except PermissionError:
-            pass  # alive, someone else's
+            continue  # alive: another user's process
     return dead
 
 

@@ -20,14 +20,13 @@ What it does, and why each part is there:
   fast as the pipeline accepts. The whole pipeline runs in this process: intake -> inbox ->
   claimer -> context -> ... -> dispatch (transport ``dry``).
 * **Recorded time.** Turns are decided on ``received_at``, not on the wall clock (which is
-  long past the workload's times): the pipeline's :class:`pipeline.claims.WorkClock` is a
-  :class:`RecordedClock` whose ``now`` is the newest ``received_at`` the inbox is complete up
-  to (intake writes in arrival order, so when a write returns every message received up to
-  its newest one is stored), and past every deadline once the last event is stored. A claim
-  therefore forms exactly the turns the burst rule makes of the whole workload, whatever the
-  timing, as the burst buffer did before the database owned the work.
-* **Modes.** ``sequential``, ``parallel``, ``single``, ``batched`` -- interleaved, the order
-  rotated on each of ``--repeat`` repetitions, medians reported.
+  long past the workload's times): a finite run's default clock,
+  :class:`pipeline.claims.Watermark`, is the newest ``received_at`` the inbox is complete up
+  to (intake writes in arrival order), and past every deadline once the input has ended. A
+  claim therefore forms exactly the turns the burst rule makes of the whole workload,
+  whatever the timing, as the burst buffer did before the database owned the work.
+* **Modes.** ``sequential``, ``parallel``, ``single``, ``batched``, ``claimed`` --
+  interleaved, the order rotated on each of ``--repeat`` repetitions, medians reported.
 * **Ceiling.** The SQL a turn needs in mode ``single`` with no stages around it: the inbox
   rows are written beforehand (untimed, as intake would), then the real
   :class:`pipeline.claims.Claimer` claims due conversations (``Store.claim``, one statement
@@ -63,7 +62,6 @@ import argparse
 import datetime as dt
 import heapq
 import json
-import math
 import os
 import random
 import shutil
@@ -91,7 +89,7 @@ from pipeline.logs import setup_logging
 from pipeline.metrics import Histogram, Metrics
 from pipeline.migrate import migrate
 from pipeline.pgcluster import SERVER_USER, Cluster, ClusterError
-from pipeline.records import Claim, Decision, InboundMessage, Outcome, RawEvent, Reply, Stored, Turn
+from pipeline.records import Claim, Decision, InboundMessage, Outcome, RawEvent, Reply, Turn
 from pipeline.store import ClaimBatch, ClaimCommit, ClaimRequest, Committed, Store
 from stages.dispatch import Messages, effects, turn_commit
 from stages.outcomes import OutcomeSink
@@ -286,74 +284,15 @@ def _event(c: int, k: int, at_us: int, redelivery: bool, draws: _Draws) -> Bench
 
 # --- recorded time, turns, end-to-end timing --------------------------------------------------
 
-@attrs.define
-class RecordedClock:
-    """The time the pipeline decides turns on: the workload's recorded time.
-
-    ``now()`` is the newest ``received_at`` the inbox is complete up to -- intake writes in
-    arrival order, so once a write returns, every event received up to its newest one is
-    stored -- and :data:`AFTER_ALL` past the last event once the source has ended and all
-    its events are stored. ``at(t)``, the Trio time at which ``now()`` reaches ``t``: now if
-    it has, else never by itself; the clock notes the time asked for and calls ``wake`` (the
-    claimer's) when a write reaches it.
-    """
-
-    current: dt.datetime = EPOCH
-    wake: Callable[[], None] = lambda: None
-    stored: int = 0
-    expected: int | None = None
-    asked: dt.datetime | None = None
-
-    def now(self) -> dt.datetime:
-        return self.current
-
-    def at(self, when: dt.datetime) -> float:
-        if when <= self.current:
-            self.asked = None
-            return trio.current_time()
-        self.asked = when
-        return math.inf
-
-    def work_clock(self) -> WorkClock:
-        return WorkClock(self.now, self.at)
-
-    def wrote(self, messages: Sequence[InboundMessage]) -> None:
-        """Intake wrote these (in order): the inbox is complete up to the newest."""
-        if messages:
-            self.stored += len(messages)
-            self._reach(max(self.current, max(m.received_at for m in messages)))
-
-    def source_ended(self, events: int) -> None:
-        self.expected = events
-        self._reach(self.current)
-
-    def _reach(self, when: dt.datetime) -> None:
-        if self.expected is not None and self.stored >= self.expected:
-            when = max(when, self.current) + AFTER_ALL
-        self.current = when
-        if self.asked is not None and self.asked <= when:
-            self.asked = None
-            self.wake()
-
-
 class BenchStore(Store):
-    """The pipeline's store, also telling the :class:`RecordedClock` what intake wrote,
-    counting claim statements and timing each claimed turn from its claim to its commit."""
+    """The pipeline's store, also counting claim statements and timing each claimed turn
+    from its claim to its commit."""
 
-    def __init__(self, pool: Pool, query_timeout_s: float,
-                 clock: RecordedClock | None = None) -> None:
+    def __init__(self, pool: Pool, query_timeout_s: float) -> None:
         super().__init__(pool, query_timeout_s)
-        self.clock = clock
         self.claims = 0
         self.claimed_at: dict[int, float] = {}  # token -> when its claim returned
         self.claim_to_commit = Histogram()
-
-    async def store_inbound(self, messages: Sequence[InboundMessage],
-                            first_due: dt.timedelta = dt.timedelta(0)) -> list[Stored]:
-        stored = await super().store_inbound(messages, first_due)
-        if self.clock is not None:
-            self.clock.wrote(messages)
-        return stored
 
     async def claim(self, req: ClaimRequest) -> ClaimBatch:
         batch = await super().claim(req)
@@ -499,15 +438,13 @@ class TimedSink(OutcomeSink):
             wake_if_idle(self.pipeline.claimer)
 
 
-def make_source(events: Iterable[BenchEvent], tracker: Tracker,
-                clock: RecordedClock) -> Callable[[Inlets], Any]:
+def make_source(events: Iterable[BenchEvent], tracker: Tracker) -> Callable[[Inlets], Any]:
     """A source that pushes the workload as fast as the pipeline accepts it."""
     async def source(inlets: Inlets) -> None:
         for item in events:
             await inlets.raw.send(item.event)
             tracker.entered(item, time.perf_counter())
         tracker.source_ended(time.perf_counter())
-        clock.source_ended(tracker.events)
     return source
 
 
@@ -720,20 +657,18 @@ async def run_mode(settings: Settings, route: Route, mode: str, rep: int,
     async with fresh_database(route.server, _dbname(mode, rep)) as name, \
             open_pool(route.conninfo(name), settings.pool_size) as pool:
         await warm_up(pool)
-        clock = RecordedClock()
-        store = BenchStore(pool, cfg.database.query_timeout_s, clock)
+        store = BenchStore(pool, cfg.database.query_timeout_s)
         tracker = Tracker(TurnMirror(burst_rules(cfg)))
         sink, metrics = TimedSink(tracker=tracker), Metrics()
         monitor = Monitor(total_events, loud=settings.soak or total_events >= LOUD_EVENTS)
-        pipeline = Pipeline(cfg, store, sink, metrics, clock=clock.work_clock(), poll_s=None,
-                            finite=True)
-        clock.wake = lambda: pipeline.claimer.wake.notify() if pipeline.claimer else None
+        # a finite run decides turns on the workload's recorded time (pipeline.claims.Watermark)
+        pipeline = Pipeline(cfg, store, sink, metrics, poll_s=None, finite=True)
         sink.pipeline = pipeline
         meter = CpuMeter(route)
         cpu_before, start = meter.sample(), time.perf_counter()
         async with trio.open_nursery() as nursery:
             await nursery.start(monitor.run, metrics, tracker)
-            await pipeline.run(make_source(events, tracker, clock))
+            await pipeline.run(make_source(events, tracker))
             elapsed = time.perf_counter() - start
             nursery.cancel_scope.cancel()
         figures = _mode_figures(tracker, sink, metrics, monitor, pipeline, elapsed, store,

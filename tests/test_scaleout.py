@@ -579,7 +579,10 @@ async def test_a_commit_whose_answer_is_lost_is_reported_once(
             async with httpx.AsyncClient(trust_env=False) as http:
                 assert await dealer.deliver(http, post, 0) == 200
             await settled(conninfo, dealer.acked, 20)
-            await trio.sleep(1.0)  # the retry and whatever follows it
+            # the retried commit ends in its outcome line -- or in a failed turn
+            await until(lambda: bool(outcome_lines([nodes[0].outcomes]))
+                        or " failed;" in nodes[0].log_text(), 20,
+                        "the retried commit's outcome", every_s=0.02)
             codes = await stop_all(nodes)
         finally:
             for node in nodes:
