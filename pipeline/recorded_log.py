@@ -24,12 +24,15 @@ from typing import IO, Any, Self
 import attrs
 
 from pipeline.records import FORMATS, RawEvent
+from stages.parse import BodyError, check_body
 
-__all__ = ["MAX_LINE_BYTES", "LogError", "LogRecorder", "RecordDirError", "format_log_line",
-           "merge_logs", "read_log"]
+__all__ = ["MAX_LINE_BYTES", "REORDER_WINDOW", "LogError", "LogRecorder", "RecordDirError",
+           "format_log_line", "merge_logs", "read_log", "reorder"]
 
 #: a longer line is reported and skipped instead of being held in memory whole
 MAX_LINE_BYTES = 16 * 1024 * 1024
+#: a body nested deeper is a bad line (the default ``[webhook] max_json_depth``)
+MAX_JSON_DEPTH = 32
 
 StrPath = str | os.PathLike[str]
 
@@ -109,6 +112,10 @@ def _event_from_line(raw: bytes, origin: str) -> RawEvent:
         raise _BadLine(f"format must be 'cloud-api' or 'evolution', not {_describe(log_format)}")
     if "body" not in record:
         raise _BadLine("body is missing")
+    try:
+        check_body(record["body"], MAX_JSON_DEPTH)  # what a webhook body must pass too
+    except BodyError as exc:
+        raise _BadLine(exc.reason) from exc
     headers = _headers(record.get("headers", {}))
     return RawEvent(received_at=received_at, format=log_format, body=record["body"],
                     headers=headers, origin=origin)
@@ -158,34 +165,154 @@ def _received_at(value: Any) -> dt.datetime:
 
 def _headers(value: Any) -> dict[str, str]:
     if isinstance(value, dict) and all(isinstance(item, str) for item in value.values()):
+        try:
+            check_body(value, 1)
+        except BodyError as exc:
+            raise _BadLine("headers hold a NUL character or a lone surrogate") from exc
         return value
     raise _BadLine(f"headers must be an object of strings, not {_describe(value)}")
 
 
-# --- merging ------------------------------------------------------------------------------
+# --- putting lines back in time order -----------------------------------------------------
 
 _BEGINNING = dt.datetime.min.replace(tzinfo=dt.UTC)
 
+#: how far a line may be out of time order and still be put back in its place
+REORDER_WINDOW = dt.timedelta(minutes=10)
+#: a jump forward by more than the window counts as real (a quiet night, say) once this many
+#: lines after it agree with it; if an earlier line comes back first, the jump is misplaced
+CONFIRM_LINES = 8
 
-def _keyed(path: StrPath) -> Iterator[tuple[dt.datetime, RawEvent | LogError]]:
-    """Items of one log keyed by time; a LogError takes the time of the event before it."""
-    last = _BEGINNING
-    for item in read_log(path):
-        if isinstance(item, RawEvent):
-            last = item.received_at
-        yield last, item
+Item = RawEvent | LogError
 
 
-def merge_logs(paths: Iterable[StrPath]) -> Iterator[RawEvent | LogError]:
+def _place(event: RawEvent) -> tuple[str, int]:
+    path, _, number = event.origin.rpartition(":")
+    return path, int(number) if number.isdigit() else 0
+
+
+def _span(delta: dt.timedelta) -> str:
+    """``1:30:00``, ``0:00:02.5``: a duration as a person reads it."""
+    seconds = round(delta.total_seconds(), 3)
+    whole = int(seconds)
+    text = str(dt.timedelta(seconds=whole))
+    return text + (f"{seconds - whole:.3f}".lstrip("0").rstrip("0") if seconds != whole else "")
+
+
+@attrs.define
+class _Reorder:
+    """The state of :func:`reorder` over one file (see there)."""
+
+    window: dt.timedelta
+    heap: list[tuple[dt.datetime, int, Item]] = attrs.field(factory=list)
+    seq: int = 0
+    top: RawEvent | None = None  # the latest event accepted
+    prev: dt.datetime = _BEGINNING  # time of the last event accepted, in file order
+    frontier: dt.datetime = _BEGINNING  # time of the last item handed on
+    jump: list[Item] = attrs.field(factory=list)  # lines of an unconfirmed jump forward
+
+    def push(self, key: dt.datetime, item: Item) -> None:
+        heapq.heappush(self.heap, (key, self.seq, item))
+        self.seq += 1
+
+    def feed(self, item: Item) -> list[Item]:
+        """Take one item; returns items to feed again (those after a confirmed jump's
+        first line)."""
+        if isinstance(item, LogError):  # keeps its place after the line before it
+            if self.jump:
+                self.jump.append(item)
+            else:
+                self.push(max(self.prev, self.frontier), item)
+            return []
+        t = item.received_at
+        if self.jump:
+            start = self.jump[0]
+            assert isinstance(start, RawEvent)
+            if t >= start.received_at - self.window:
+                self.jump.append(item)
+                return self.confirm() if len(self.jump) >= CONFIRM_LINES else []
+            for misplaced in self.jump:  # an earlier line came back: the jump was misplaced
+                if isinstance(misplaced, LogError):
+                    self.push(max(self.prev, self.frontier), misplaced)
+                else:
+                    self._reject(misplaced, f"is {_span(misplaced.received_at - t)} later "
+                                 f"than line {_place(item)[1]} after it")
+            self.jump = []
+        if self.top is None or t > self.top.received_at + self.window:
+            self.jump = [item]
+            return []
+        if t < self.frontier:
+            self._reject(item, f"is {_span(self.top.received_at - t)} earlier than line "
+                         f"{_place(self.top)[1]} before it")
+            return []
+        self._accept(item)
+        return []
+
+    def _accept(self, event: RawEvent) -> None:
+        self.push(event.received_at, event)
+        self.prev = event.received_at
+        if self.top is None or event.received_at > self.top.received_at:
+            self.top = event
+
+    def take(self, items: list[Item]) -> None:
+        while items:
+            items = self.feed(items[0]) + items[1:]
+
+    def confirm(self) -> list[Item]:
+        """The jump is real: accept its first line; the rest are fed again."""
+        first, *rest = self.jump
+        assert isinstance(first, RawEvent)
+        self.jump = []
+        self._accept(first)
+        return rest
+
+    def _reject(self, event: RawEvent, how: str) -> None:
+        path, number = _place(event)
+        at = event.received_at.isoformat().replace("+00:00", "Z")
+        self.push(max(self.prev, self.frontier), LogError(
+            path, number, f"received_at {at} {how}, beyond the reorder window of "
+            f"{_span(self.window)}: not replayed (a wider --reorder-window puts it in place)"))
+
+    def ready(self, final: bool = False) -> Iterator[tuple[dt.datetime, Item]]:
+        """What can be handed on: everything older than the window (all, once ``final``)."""
+        limit = None if final or self.top is None else self.top.received_at - self.window
+        while self.heap and (limit is None or self.heap[0][0] <= limit):
+            key, _, item = heapq.heappop(self.heap)
+            self.frontier = max(self.frontier, key)
+            yield self.frontier, item
+
+
+def reorder(items: Iterable[Item], window: dt.timedelta = REORDER_WINDOW
+            ) -> Iterator[tuple[dt.datetime, Item]]:
+    """One file's items in ``received_at`` order, each with the time it is sorted by.
+
+    A line out of order by at most ``window`` of recorded time is put back in its place
+    (memory: the lines of one window). A line later than what was already handed on by more
+    than that is a :class:`LogError`. A line that jumps forward by more than the window is
+    held until :data:`CONFIRM_LINES` lines agree with it (a real gap, such as a night); if an
+    earlier line comes first, the jump's lines are errors: a few misplaced lines never move
+    the time of the others. Unreadable lines keep their place after the line before them.
+    """
+    if window <= dt.timedelta(0):
+        raise ValueError(f"the reorder window must be positive, not {window}")
+    state = _Reorder(window)
+    for item in items:
+        state.take([item])
+        yield from state.ready()
+    while state.jump:  # nothing contradicted it: the input simply ended
+        state.take(state.confirm())
+    yield from state.ready(final=True)
+
+
+def merge_logs(paths: Iterable[StrPath], window: dt.timedelta = REORDER_WINDOW
+               ) -> Iterator[RawEvent | LogError]:
     """Yield the events of several logs merged by ``received_at``, streaming.
 
-    Each log is assumed sorted by time already (``heapq.merge`` holds one item per file).
-    Ties keep the order of ``paths``, then line order. A LogError comes out where it was met,
-    right after the event that preceded it in its file. A file that goes back in time is not
-    re-sorted: its late line is yielded as soon as it reaches the head of that file, so the
-    output is then out of order too, exactly as recorded.
+    Each file is put in order first (:func:`reorder`, within ``window``); ``heapq.merge`` then
+    holds one item per file. Ties keep the order of ``paths``, then line order. A LogError
+    (an unreadable or misplaced line) comes out right after the event that preceded it.
     """
-    streams = [_keyed(path) for path in paths]
+    streams = [reorder(read_log(path), window) for path in paths]
     for _, item in heapq.merge(*streams, key=lambda pair: pair[0]):
         yield item
 

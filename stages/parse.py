@@ -28,6 +28,7 @@ from pipeline.records import Ignored, InboundMessage, Invalid, Parsed, RawEvent
 __all__ = [
     "BodyError",
     "InstanceDirectory",
+    "check_body",
     "decode_body",
     "json_depth_ok",
     "parse_event",
@@ -124,6 +125,14 @@ def decode_body(raw: bytes, max_depth: int) -> Any:
         raise BodyError(f"body is not valid json: {where}") from exc
     except ValueError as exc:
         raise BodyError(f"body is not valid json: {str(exc).lower()}") from exc
+    check_body(body, max_depth)
+    return body
+
+
+def check_body(body: Any, max_depth: int) -> None:
+    """Raise :class:`BodyError` if a decoded body cannot be stored as it is: nested deeper
+    than ``max_depth``, holding a NUL or a lone surrogate, or an infinite number. Webhook
+    bodies and the bodies of recorded logs get the same checks."""
     problem = _walk(body, max_depth)
     if problem == "depth":
         raise BodyError(f"body is nested deeper than {max_depth} levels")
@@ -132,7 +141,6 @@ def decode_body(raw: bytes, max_depth: int) -> Any:
                         "\\ud800-\\udfff), which cannot be stored")
     if problem == "number":
         raise BodyError("body holds a number too large for a float (e.g. 1e400)")
-    return body
 
 
 # --- walking a body -----------------------------------------------------------------------

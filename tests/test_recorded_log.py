@@ -181,12 +181,61 @@ def test_merge_yields_log_errors_where_they_are_met(tmp_path: Path) -> None:
     assert merged[0] == LogError(str(a), 1, "line is not valid json: expecting value at column 1")
 
 
-def test_merge_does_not_resort_a_file_that_goes_back_in_time(tmp_path: Path) -> None:
-    a = labelled(tmp_path / "a.jsonl", ("2025-08-31T10:00:05Z", "a1"),
-                 ("2025-08-31T10:00:01Z", "a-late"), ("2025-08-31T10:00:06Z", "a2"))
-    b = labelled(tmp_path / "b.jsonl", ("2025-08-31T10:00:02Z", "b1"),
-                 ("2025-08-31T10:00:07Z", "b2"))
-    assert labels(list(merge_logs([a, b]))) == ["b1", "a1", "a-late", "a2", "b2"]
+def minutes_log(path: Path, *minutes: float) -> Path:
+    """A log whose line n is received ``minutes[n-1]`` minutes after 10:00, labelled so."""
+    base = dt.datetime(2025, 8, 31, 10, tzinfo=dt.UTC)
+    return labelled(path, *(((base + dt.timedelta(minutes=m)).isoformat(), f"{m:g}")
+                            for m in minutes))
+
+
+def replayed(log: Path, window_min: float = 10) -> tuple[list[str], list[str]]:
+    """The labels in the order merged, and the reasons of the lines left out."""
+    items = list(merge_logs([log], dt.timedelta(minutes=window_min)))
+    return ([i.body["label"] for i in items if isinstance(i, RawEvent)],
+            [f"{i.line}: {i.reason}" for i in items if isinstance(i, LogError)])
+
+
+STEADY = list(range(30))
+
+
+@pytest.mark.parametrize(("minutes", "order", "left_out"), [
+    pytest.param(STEADY, STEADY, [], id="in order"),
+    pytest.param([0, 5, 3, 6, 4, 9, 8], [0, 3, 4, 5, 6, 8, 9], [], id="within the window"),
+    pytest.param([*STEADY[:15], 105, *STEADY[16:]], [*STEADY[:15], *STEADY[16:]],
+                 ["16: received_at 2025-08-31T11:45:00Z is 1:29:00 later than line 17 after "
+                  "it, beyond the reorder window of 0:10:00: not replayed"],
+                 id="one line 1.5 h ahead"),
+    pytest.param([*STEADY[:10], 100, 101, 102, *STEADY[10:]], STEADY,
+                 ["11: ", "12: ", "13: "], id="three lines ahead together"),
+    pytest.param([100, *STEADY], STEADY, ["1: "], id="the first line ahead"),
+    pytest.param([0, 1, 2, *range(600, 612)], [0, 1, 2, *range(600, 612)], [],
+                 id="a quiet night is a real jump"),
+    pytest.param([0, 1, 2, 100], [0, 1, 2, 100], [], id="a jump at the end of the input"),
+    pytest.param([*STEADY, 3], STEADY,
+                 ["31: received_at 2025-08-31T10:03:00Z is 0:26:00 earlier than line 30 "
+                  "before it, beyond the reorder window of 0:10:00: not replayed"],
+                 id="a line 26 min late"),
+    pytest.param([0, 1, 20, 2, 3], [0, 1, 2, 3], ["3: "], id="a jump of one line"),
+])
+def test_lines_are_put_back_in_time_order_within_the_window(
+        tmp_path: Path, minutes: list[float], order: list[float], left_out: list[str]) -> None:
+    got, errors = replayed(minutes_log(tmp_path / "a.jsonl", *minutes))
+    assert got == [f"{m:g}" for m in order]
+    assert len(errors) == len(left_out)
+    for error, expected in zip(errors, left_out, strict=True):
+        assert error.startswith(expected)
+        assert "(a wider --reorder-window puts it in place)" in error
+
+
+def test_a_wider_window_puts_a_late_line_in_place(tmp_path: Path) -> None:
+    log = minutes_log(tmp_path / "a.jsonl", *STEADY, 3)
+    assert replayed(log, window_min=30) == ([f"{m:g}" for m in sorted([*STEADY, 3])], [])
+
+
+def test_unreadable_lines_keep_their_place_after_reordering(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.jsonl", line("2025-08-31T10:00:05Z", {"label": "a"}), "oops",
+                line("2025-08-31T10:00:01Z", {"label": "b"}))
+    assert labels(list(merge_logs([log]))) == ["b", "a", "error@2"]
 
 
 def test_merge_is_lazy(tmp_path: Path) -> None:
@@ -198,10 +247,13 @@ def test_merge_is_lazy(tmp_path: Path) -> None:
 
 # --- writing ------------------------------------------------------------------------------
 
+#: what a webhook body may hold (no NUL, no lone surrogate, no infinity: see check_body)
+storable = st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"))
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | storable,
     lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    | st.dictionaries(storable.filter(lambda t: len(t) <= 6), children, max_size=4),
     max_leaves=20,
 )
 moments = st.datetimes(
@@ -215,7 +267,9 @@ moments = st.datetimes(
     received_at=moments,
     fmt=st.sampled_from(["cloud-api", "evolution"]),
     body=json_like,
-    headers=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    headers=st.dictionaries(storable.filter(lambda t: len(t) <= 8),
+                            storable.filter(lambda t: len(t) <= 8),
+                            max_size=3),
 )
 def test_format_log_line_round_trips(
     tmp_path_factory: pytest.TempPathFactory, received_at: dt.datetime, fmt: str, body: Any,
@@ -241,13 +295,31 @@ def test_format_log_line_shape() -> None:
 
 
 def test_format_log_line_keeps_lone_surrogates_escaped(tmp_path: Path) -> None:
+    """Such a body cannot be stored (a webhook refuses it): written escaped, it is read back
+    as a bad line of its own, never taking its neighbours along."""
     event = RawEvent(received_at=dt.datetime(2025, 8, 31, tzinfo=dt.UTC), format="cloud-api",
                      body={"text": "\ud800"})
     text = format_log_line(event)
     assert "\\ud800" in text
-    (back,) = read_log(write(tmp_path / "s.jsonl", text))
-    assert isinstance(back, RawEvent)
-    assert back.body == {"text": "\ud800"}
+    good = line("2025-08-31T10:00:00Z", {"label": "ok"})
+    before, back, after = read_log(write(tmp_path / "s.jsonl", good, text, good))
+    assert isinstance(before, RawEvent) and isinstance(after, RawEvent)
+    assert back == LogError(str(tmp_path / "s.jsonl"), 2, "body holds a NUL character or a "
+                            "lone surrogate (\\u0000, \\ud800-\\udfff), which cannot be stored")
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"text": "a\x00b"}, "body holds a NUL character"),
+    ({"n": float("inf")}, "body holds a number too large"),
+    ({"a": json.loads("[" * 40 + "]" * 40)}, "body is nested deeper than 32 levels"),
+])
+def test_log_bodies_get_the_checks_of_webhook_bodies(tmp_path: Path, body: Any,
+                                                     reason: str) -> None:
+    log = tmp_path / "b.jsonl"
+    log.write_text(json.dumps({"received_at": "2025-08-31T10:00:00Z", "format": "cloud-api",
+                               "body": body}) + "\n")
+    (item,) = read_log(log)
+    assert isinstance(item, LogError) and item.reason.startswith(reason)
 
 
 def event_at(text: str, label: str) -> RawEvent:
