@@ -89,6 +89,9 @@ class WorkClock:
     #: live: claims and commits decide on the database's clock (which stamps live
     #: intake's received_at); ``now`` is then only this process's estimate of it
     database: bool = False
+    #: event time (a replay): a turn's buffer time is when its burst closed by the rules,
+    #: not when it happened to be claimed
+    event: bool = False
 
     def later(self, seconds: float) -> dt.datetime:
         if self.after is not None:
@@ -139,7 +142,7 @@ class Watermark:
         return END_OF_INPUT if self.ended else self.latest + dt.timedelta(seconds=seconds)
 
     def clock(self) -> WorkClock:
-        return WorkClock(self.now, self.at, self.later)
+        return WorkClock(self.now, self.at, self.later, event=True)
 
 
 class Wake:
@@ -370,7 +373,12 @@ class Claimer:
         first = messages[0]
         turn = Turn(turn_id(messages), first.instance, first.sender, messages,
                     context=claimed.context, claim=claim)
-        waited = (max(now, messages[-1].received_at) - first.received_at).total_seconds()
+        closed_at = max(now, messages[-1].received_at)
+        if self.clock.event:  # when the rules closed it: the same in every run
+            assert head.deadline is not None
+            closed_at = (messages[-1].received_at if len(messages) >= self.rules.limit
+                         else head.deadline)
+        waited = (closed_at - first.received_at).total_seconds()
         await self.out.send(turn.timed("buffer", max(0.0, waited) * 1000))
 
     async def _not_yet(self, claim: Claim, deadline: dt.datetime) -> None:
@@ -425,7 +433,7 @@ class Claimer:
 def closed_outcome(closed: Closed) -> Outcome:
     msg = closed.message
     return Outcome(closed.action, msg.message_id, msg.instance, msg.sender,
-                   reason=closed.reason, origin=msg.origin)
+                   reason=closed.reason, origin=msg.origin, at=msg.received_at)
 
 
 def claim_key(claim: Claim) -> str:

@@ -61,9 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("logs", nargs="*", type=Path,
                     help="JSONL logs (default: the bundled day, pipeline/data/day.jsonl)")
     rp.add_argument("--out", type=Path, help="write one outcome line per message here")
-    rp.add_argument("--clock", default="virtual",
-                    help="virtual (default: recorded time, as fast as possible), real (the "
-                    "recorded pace) or Nx (N times the recorded pace, e.g. 10x)")
+    rp.add_argument("--clock", default="event",
+                    help="event (default: decisions on recorded time, as fast as the pipeline "
+                    "goes, the same outcomes in every run), real (the recorded pace) or Nx "
+                    "(N times the recorded pace, e.g. 10x)")
+    rp.add_argument("--reorder-window", type=float, metavar="SECONDS",
+                    help="put lines out of time order by up to this much back in place "
+                    "(default: [replay] reorder_window_s, 600)")
+    rp.add_argument("--send", action="store_true",
+                    help="send replies and events to the configured targets (default: the "
+                    "dry transport, whatever the config says: a replay never messages "
+                    "customers unless asked)")
     rp.add_argument("--keep-db", action="store_true", help="keep the fresh replay database")
     rp.add_argument("--db", metavar="DSN", help="replay into this database instead of a fresh "
                     "one in the embedded cluster (used as it is: nothing is dropped)")
@@ -191,12 +199,24 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_USAGE
     if args.db:
         cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=args.db))
+    if args.reorder_window is not None:
+        if not args.reorder_window > 0:
+            print(f"pipeline replay: --reorder-window must be a number of seconds > 0, not "
+                  f"{args.reorder_window:g}", file=sys.stderr)
+            return EXIT_USAGE
+        cfg = attrs.evolve(cfg, replay=attrs.evolve(cfg.replay,
+                                                     reorder_window_s=args.reorder_window))
+    _send_notice(args, cfg)
     logs = args.logs or [bundled_day()]
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
         print(f"pipeline replay: no such log file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
     if args.compare is not None:
+        if args.send:
+            print("pipeline replay: --send cannot be combined with --compare (every reply "
+                  "would be sent once per config)", file=sys.stderr)
+            return EXIT_USAGE
         return _compare(args, cfg, logs)
     if not args.logs:
         logger.info("no log given: replaying the bundled day {}", logs[0])
@@ -210,14 +230,15 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
             with shutdown.scope:
                 result = await replay(cfg, logs, out=out, keep_db=args.keep_db, clock=clock,
                                       report=collector, progress=progress,
-                                      on_pipeline=lambda p: shutdown.on_stop(p.stop_sources))
+                                      on_pipeline=lambda p: shutdown.on_stop(p.stop_sources),
+                                      send=args.send)
             nursery.cancel_scope.cancel()
         return None if shutdown.expired else result
 
     with ExitStack() as stack:
         out = stack.enter_context(open(args.out, "w")) if args.out else None
         try:
-            result = trio.run(main, clock=clock.make())
+            result = trio.run(main)
         finally:
             if progress is not None:
                 progress.close()
@@ -235,6 +256,19 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def _send_notice(args: argparse.Namespace, cfg: Config) -> None:
+    """Say where this replay sends (``--send``) or that it does not."""
+    from pipeline.replay import send_targets
+
+    targets = send_targets(cfg)
+    if targets and args.send:
+        logger.warning("--send: this replay sends to the configured targets, as live: {}",
+                       "; ".join(targets))
+    elif targets:
+        logger.info("replaying with the dry transport: nothing is sent to {} (--send to "
+                    "send)", "; ".join(targets))
+
+
 def _compare(args: argparse.Namespace, cfg: Config, logs: Sequence[Path]) -> int:
     from pipeline.compare import compare_outcomes, render
     from pipeline.replay import replay
@@ -244,18 +278,19 @@ def _compare(args: argparse.Namespace, cfg: Config, logs: Sequence[Path]) -> int
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    if args.reorder_window is not None:  # the option applies to both replays
+        other = attrs.evolve(other, replay=cfg.replay)
+    _send_notice(args, other)
 
     async def both() -> tuple[str, str]:
         texts = []
         for config in (cfg, other):
             out = io.StringIO()
-            await replay(config, logs, out=out)
+            await replay(config, logs, out=out, send=args.send)
             texts.append(out.getvalue())
         return texts[0], texts[1]
 
-    from pipeline.vclock import VirtualClock
-
-    a, b = trio.run(both, clock=VirtualClock())
+    a, b = trio.run(both)
     name_a = str(args.config) if args.config else "default"
     print(render(compare_outcomes(a, b), name_a, str(args.compare)))
     if args.out:

@@ -146,6 +146,15 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class ReplayConfig:
+    """``[replay]``: reading recorded logs (``pipeline replay``)."""
+
+    reorder_window_s: float = setting(
+        600.0, "lines out of received_at order by up to this much are put back in place; "
+        "a line further out is reported and not replayed (`--reorder-window` overrides)", gt=0)
+
+
+@attrs.frozen
 class WebhookConfig:
     """``[webhook]``: the live webhook source of ``pipeline run``."""
 
@@ -354,6 +363,7 @@ class Config:
     logging: LoggingConfig = _section(LoggingConfig, "logs")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics")
     webhook: WebhookConfig = _section(WebhookConfig, "the live webhook source")
+    replay: ReplayConfig = _section(ReplayConfig, "reading recorded logs")
     intake: IntakeConfig = _section(IntakeConfig, "burst buffer and inbox")
     dedupe: DedupeConfig = _section(DedupeConfig, "duplicate detection")
     context: ContextConfig = _section(ContextConfig, "context loading")

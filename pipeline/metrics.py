@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -59,6 +60,8 @@ class StageMetrics:
     latency: Histogram = attrs.field(factory=Histogram)
     #: incidents that cost no item, by name (the webhook's "record_dir errors")
     counters: Counter[str] = attrs.field(factory=Counter)
+    #: the time an item's own ``timings_ms`` are measured in (None: Trio's clock)
+    clock: Callable[[], float] | None = None
 
     def queued(self, depth: int) -> None:
         self.queue_depth = depth
@@ -72,10 +75,14 @@ class Metrics:
     stages: dict[str, StageMetrics] = attrs.field(factory=dict)
     operations: dict[str, Histogram] = attrs.field(factory=dict)
     counters: Counter[str] = attrs.field(factory=Counter)
+    #: the time items' own ``timings_ms`` are measured in (None: Trio's clock). An event-time
+    #: replay gives a clock that stands still: stages take no event time, and the outcomes
+    #: file stays the same from run to run (real latencies are in the histograms)
+    item_clock: Callable[[], float] | None = None
 
     def stage(self, name: str) -> StageMetrics:
         if name not in self.stages:
-            self.stages[name] = StageMetrics(name)
+            self.stages[name] = StageMetrics(name, clock=self.item_clock)
         return self.stages[name]
 
     def operation(self, name: str) -> Histogram:

@@ -44,6 +44,8 @@ class LogError:
     path: str
     line: int
     reason: str
+    #: the time it is placed at: that of the line before it (set when merged)
+    at: dt.datetime | None = attrs.field(default=None, eq=False)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"
@@ -313,8 +315,8 @@ def merge_logs(paths: Iterable[StrPath], window: dt.timedelta = REORDER_WINDOW
     (an unreadable or misplaced line) comes out right after the event that preceded it.
     """
     streams = [reorder(read_log(path), window) for path in paths]
-    for _, item in heapq.merge(*streams, key=lambda pair: pair[0]):
-        yield item
+    for at, item in heapq.merge(*streams, key=lambda pair: pair[0]):
+        yield attrs.evolve(item, at=at) if isinstance(item, LogError) else item
 
 
 # --- writing ------------------------------------------------------------------------------

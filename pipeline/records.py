@@ -105,6 +105,8 @@ class Invalid:
     where: str = ""
     format: str | None = None
     origin: str = "webhook"
+    #: the recorded time it is placed at (a replay's outcomes are in time order)
+    at: dt.datetime | None = attrs.field(default=None, eq=False)
 
 
 Parsed = InboundMessage | Ignored | Invalid
@@ -227,8 +229,16 @@ class Outcome:
     origin: str = ""
     timings_ms: tuple[tuple[str, float], ...] = ()
     degraded: tuple[tuple[str, str], ...] = ()
+    #: the recorded time of the message (of the event, for one that ended at intake): a
+    #: replay writes its outcomes in this order; not part of the line
+    at: dt.datetime | None = attrs.field(default=None, eq=False)
 
     def timed(self, stage: str, ms: float) -> Outcome:
+        """The time a stage spent on the message's turn; a message that ended without a
+        turn (a repeat, a reaction, an invalid event) has no stage timings: which stage
+        closes it is a matter of timing, and a replay's outcomes must not depend on that."""
+        if self.turn_id is None:
+            return self
         return attrs.evolve(self, timings_ms=(*self.timings_ms, (stage, round(ms, 3))))
 
     def as_json(self) -> dict[str, Any]:

@@ -1,18 +1,25 @@
 """``pipeline replay``: push recorded logs through the whole pipeline and summarise.
 
-Events are read in ``received_at`` order across the files (:func:`merge_logs`) and handed
-over at their recorded time on the replay's clock:
+Events are read in ``received_at`` order across the files (:func:`merge_logs`: each file put
+back in order within ``[replay] reorder_window_s``, a line further out reported) and go
+through the same claim path as ``pipeline run``. Time inside a replay (``--clock``):
 
-``virtual`` (default)  :class:`pipeline.vclock.VirtualClock`: recorded time, jumping ahead
-                       whenever the pipeline is quiescent -- burst windows, timeouts,
-                       retries happen as they did live, as fast as the machine allows
-``real``               the recorded pace
-``Nx``                 N times the recorded pace (``10x``)
+``event`` (default)  event time, as stream processors have it: "now" is the latest
+                     ``received_at`` stored (a watermark; the end of input closes every
+                     burst). Events are handed over as fast as the pipeline takes them and
+                     turns of different conversations run at once, as live. Burst windows,
+                     dedupe windows, business hours and escalation streaks are decided on
+                     recorded times only, so the same log and config give a byte-identical
+                     outcomes file on any machine, under any load. Database and HTTP work
+                     run on the real clock with their configured timeouts, exactly as live:
+                     a responder answering in 0.2 s gives its answer, one that never answers
+                     gives the fallback after its ``timeout_s``. They take no event time.
+``real``             the recorded pace, on the wall clock (bursts close by that clock)
+``Nx``               N times the recorded pace (``10x``)
 
-A bad line is reported with file and line and counted as ``invalid``. The replay runs
-against a fresh database by default. With the virtual clock the same log and config give a
-byte-identical outcomes file: outcome lines carry virtual-time stage timings and are
-written in a canonical order (see :mod:`stages.outcomes`).
+Replays never send: the dry transport is forced unless ``send`` (``--send``) asks for the
+configured targets. A bad line is reported with file and line and counted as ``invalid``.
+The replay runs against a fresh database by default.
 """
 
 from __future__ import annotations
@@ -35,50 +42,62 @@ from pipeline.engine import Inlets, Pipeline
 from pipeline.metrics import Metrics
 from pipeline.progress import Progress
 from pipeline.recorded_log import LogError, merge_logs
-from pipeline.records import Invalid, RawEvent
+from pipeline.records import Invalid, Outcome, RawEvent
 from pipeline.report import ReportCollector
-from pipeline.vclock import VirtualClock
 from stages.outcomes import OutcomeSink
 
 
 @attrs.frozen
 class ClockChoice:
-    """``--clock``: virtual, or the real clock at ``speed`` times the recorded pace."""
+    """``--clock``: event time, or the real clock at ``speed`` times the recorded pace."""
 
-    virtual: bool
+    event: bool
     speed: float = 1.0
-
-    def make(self) -> trio.abc.Clock | None:
-        """The clock to give ``trio.run`` (None: Trio's own)."""
-        return VirtualClock() if self.virtual else None
 
 
 def parse_clock(text: str) -> ClockChoice:
-    """``virtual``, ``real`` or ``Nx`` (e.g. ``10x``, ``0.5x``)."""
-    if text == "virtual":
+    """``event`` (``virtual`` is its old name), ``real`` or ``Nx`` (``10x``, ``0.5x``)."""
+    if text in ("event", "virtual"):
         return ClockChoice(True)
     if text == "real":
         return ClockChoice(False)
     match = re.fullmatch(r"(\d+(?:\.\d+)?)x", text)
     if match and float(match.group(1)) > 0:
         return ClockChoice(False, float(match.group(1)))
-    raise ValueError(f"--clock must be virtual, real or a speed like 10x, not {text!r}")
+    raise ValueError(f"--clock must be event, real or a speed like 10x, not {text!r}")
+
+
+def send_targets(cfg: Config) -> list[str]:
+    """Where a run with ``cfg`` sends: the transport's base URL and customer webhooks."""
+    targets = []
+    if cfg.dispatch.transport != "dry":
+        targets.append(f"{cfg.dispatch.transport} replies to {cfg.dispatch.base_url}")
+        targets += [f"events of {i.name} to {i.webhook_url}" for i in cfg.instances
+                    if i.webhook_url]
+    return targets
+
+
+def dry(cfg: Config) -> Config:
+    """``cfg`` with the dry transport: replies and events are recorded, never sent."""
+    return attrs.evolve(cfg, dispatch=attrs.evolve(cfg.dispatch, transport="dry"))
 
 
 @attrs.frozen
 class ReplayResult:
     events: int
     elapsed_s: float
-    virtual_s: float
+    virtual_s: float  # recorded time the replay covered
     sink: OutcomeSink
     metrics: Metrics
     database: str
     round_trips: int
+    #: the targets a production config names that this replay did not send to
+    not_sent_to: tuple[str, ...] = ()
 
 
 def _as_event(item: RawEvent | LogError) -> RawEvent | Invalid:
     if isinstance(item, LogError):
-        return Invalid(item.reason, origin=f"{item.path}:{item.line}")
+        return Invalid(item.reason, origin=f"{item.path}:{item.line}", at=item.at)
     return item
 
 
@@ -115,29 +134,46 @@ def _first_time(items: Iterator[RawEvent | LogError]
 async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None,
                  fresh: bool = True, keep_db: bool = False, clock: ClockChoice | None = None,
                  report: ReportCollector | None = None, progress: Progress | None = None,
-                 on_pipeline: Callable[[Pipeline], None] | None = None) -> ReplayResult:
-    """Replay ``logs`` (under the clock ``trio.run`` was given) and return what happened.
+                 on_pipeline: Callable[[Pipeline], None] | None = None,
+                 send: bool = False) -> ReplayResult:
+    """Replay ``logs`` and return what happened (see the module docstring).
 
-    ``report`` collects the charts' data; its times are in recorded seconds."""
-    speed = (clock or ClockChoice(True)).speed
+    ``report`` collects the charts' data; its times are in recorded seconds. Without
+    ``send`` the configured targets are not sent to (the dry transport is used)."""
+    choice = clock or ClockChoice(True)
+    not_sent_to: tuple[str, ...] = ()
+    if not send and cfg.dispatch.transport != "dry":
+        not_sent_to = tuple(send_targets(cfg))
+        cfg = dry(cfg)
     sink = OutcomeSink(out)
     count = 0
-    first, items = _first_time(merge_logs(logs))
-    timeline = Timeline(first or dt.datetime.now(dt.UTC), trio.current_time(), speed)
+    window = dt.timedelta(seconds=cfg.replay.reorder_window_s)
+    first, items = _first_time(merge_logs(logs, window))
+    timeline = Timeline(first or dt.datetime.now(dt.UTC), trio.current_time(), choice.speed)
+    last = timeline.base
     if report is not None:
         report.start, report.started_at = 0.0, timeline.base
-        sink.observers.append(
-            lambda outcome, at: report.record(outcome, (at - timeline.t0) * speed))
+
+        def observe(outcome: Outcome, at: float) -> None:
+            if choice.event:  # the chart's time axis is recorded time
+                offset = ((outcome.at or last) - timeline.base).total_seconds()
+            else:
+                offset = (at - timeline.t0) * choice.speed
+            report.record(outcome, offset)
+
+        sink.observers.append(observe)
 
     async def source(inlets: Inlets) -> None:
-        nonlocal count
+        nonlocal count, last
         timeline.t0 = trio.current_time()
         sink.t0 = timeline.t0
         for item in items:
             if inlets.stopping.is_set():
                 return
             if isinstance(item, RawEvent):
-                await trio.sleep_until(timeline.due(item.received_at))
+                if not choice.event:
+                    await trio.sleep_until(timeline.due(item.received_at))
+                last = max(last, item.received_at)
             count += 1
             await inlets.raw.send(_as_event(item))
             if progress is not None:
@@ -146,15 +182,20 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     dbname = fresh_dbname() if fresh and not cfg.database.dsn else DEFAULT_DBNAME
     async with open_store(cfg.database, dbname=dbname, fresh=fresh,
                           keep=keep_db or not fresh) as store:
-        pipeline = Pipeline(cfg, store, sink, clock=WorkClock(timeline.now, timeline.due))
+        if choice.event:  # the Pipeline's own event time (a Watermark); stages take none
+            pipeline = Pipeline(cfg, store, sink, Metrics(item_clock=lambda: 0.0))
+        else:
+            pipeline = Pipeline(cfg, store, sink, clock=WorkClock(timeline.now, timeline.due))
         if on_pipeline is not None:
             on_pipeline(pipeline)
-        start, virtual_start = time.perf_counter(), trio.current_time()
+        start, clock_start = time.perf_counter(), trio.current_time()
         await pipeline.run(source)
         sink.flush()
-        return ReplayResult(count, time.perf_counter() - start,
-                            (trio.current_time() - virtual_start) * speed, sink, pipeline.metrics,
-                            dbname if not cfg.database.dsn else "(dsn)", store.round_trips)
+        recorded = ((last - timeline.base).total_seconds() if choice.event
+                    else (trio.current_time() - clock_start) * choice.speed)
+        return ReplayResult(count, time.perf_counter() - start, recorded, sink,
+                            pipeline.metrics, dbname if not cfg.database.dsn else "(dsn)",
+                            store.round_trips, not_sent_to)
 
 
 def summary(result: ReplayResult, *, kept: bool) -> str:
@@ -181,5 +222,8 @@ def summary(result: ReplayResult, *, kept: bool) -> str:
     if failed:
         lines.append(f"failed: {failed} turns could not be processed (see the log); "
                      "their messages stay pending in the inbox")
+    if result.not_sent_to:
+        lines.append("not sent (the dry transport; --send sends): "
+                     + "; ".join(result.not_sent_to))
     lines.append(f"database: {result.database}" + (" (kept)" if kept else " (dropped)"))
     return "\n".join(lines)

@@ -38,9 +38,10 @@ def _timed(out: Any, stage: str, ms: float) -> Any:
 
 async def _handle(item: Any, handler: Handler, on_error: ErrorHandler | None,
                   stats: StageMetrics) -> Sequence[Any]:
-    """Run one item; real time goes to the stage's histogram, Trio-clock time (virtual in a
-    replay, so the same on every run) to the item's own ``timings_ms``."""
-    start, clock_start = time.perf_counter(), trio.current_time()
+    """Run one item; real time goes to the stage's histogram, the metrics' item clock (Trio's,
+    or event time in a replay: the same on every run) to the item's own ``timings_ms``."""
+    clock = stats.clock or trio.current_time
+    start, clock_start = time.perf_counter(), clock()
     try:
         outputs = await handler(item)
     except Exception as exc:
@@ -52,7 +53,7 @@ async def _handle(item: Any, handler: Handler, on_error: ErrorHandler | None,
             return ()
         return await on_error(item, exc)
     stats.latency.record((time.perf_counter() - start) * 1000)
-    ms = (trio.current_time() - clock_start) * 1000
+    ms = (clock() - clock_start) * 1000
     return [_timed(out, stats.name, ms) for out in outputs]
 
 

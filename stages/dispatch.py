@@ -87,12 +87,12 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
             conversation_id=turn.context.conversation_id, turn_id=turn.turn_id,
             reason=fx.reason if last else None, reply=fx.reply_text if last else None,
             origin=msg.origin, timings_ms=turn.timings_ms,
-            degraded=turn.context.degraded if last else (),
+            degraded=turn.context.degraded if last else (), at=msg.received_at,
         ))
     for closed in turn.claim.closed if turn.claim else ():
         msg = closed.message
         lines.append(Outcome(closed.action, msg.message_id, msg.instance, msg.sender,
-                             reason=closed.reason, origin=msg.origin))
+                             reason=closed.reason, origin=msg.origin, at=msg.received_at))
     return lines
 
 

@@ -18,19 +18,20 @@ import trio
 from loguru import logger
 
 from pipeline.concurrency import Backoff, with_retry
+from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.records import Ignored, InboundMessage, Invalid, Outcome, RawEvent, Stored
 from pipeline.store import Store
 from stages.parse import InstanceDirectory, parse_event
 
 
-def finished(item: Ignored | Invalid) -> Outcome:
-    """The outcome line of an event that ends at intake."""
+def finished(item: Ignored | Invalid, at: dt.datetime | None = None) -> Outcome:
+    """The outcome line of an event that ends at intake (received at ``at``)."""
     if isinstance(item, Ignored):
         return Outcome("ignored", item.message_id, item.instance, None, reason=item.reason,
-                       origin=item.origin)
+                       origin=item.origin, at=at)
     where = f" (at {item.where})" if item.where and item.where != item.origin else ""
     return Outcome("invalid", None, None, None, reason=f"{item.reason}{where}",
-                   origin=item.origin)
+                   origin=item.origin, at=at or item.at)
 
 
 def redelivered(stored: Stored) -> Outcome:
@@ -38,7 +39,7 @@ def redelivered(stored: Stored) -> Outcome:
     one that gets answered)."""
     msg = stored.message
     return Outcome("duplicate", msg.message_id, msg.instance, msg.sender,
-                   reason="redelivered message id", origin=msg.origin)
+                   reason="redelivered message id", origin=msg.origin, at=msg.received_at)
 
 
 @attrs.define
@@ -56,23 +57,52 @@ class Intake:
     seen: Callable[[dt.datetime], None] = lambda latest: None
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
-        messages: list[InboundMessage] = []
+        groups: list[tuple[RawEvent, list[InboundMessage]]] = []
         for event in batch:
             parsed = [event] if isinstance(event, Invalid) else parse_event(event, self.directory)
+            messages = [item for item in parsed if isinstance(item, InboundMessage)]
             for item in parsed:
-                if isinstance(item, InboundMessage):
-                    messages.append(item)
-                else:
+                if not isinstance(item, InboundMessage):
                     await self._finish(item, event)
-        if not messages:
+            if messages:
+                assert isinstance(event, RawEvent)
+                groups.append((event, messages))
+        if not groups:
             return []
+        try:
+            stored = await self._store([m for _, group in groups for m in group])
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as exc:
+            if len(groups) == 1:
+                await self._unstorable(*groups[0], exc)
+                return []
+            # one event spoils the statement: store them one by one, so only it is lost
+            stored = []
+            for event, messages in groups:
+                try:
+                    stored += await self._store(messages)
+                except DatabaseUnavailable:
+                    raise
+                except DatabaseError as one:
+                    await self._unstorable(event, messages, one)
+        return [redelivered(s) for s in stored if s.redelivered]
+
+    async def _store(self, messages: list[InboundMessage]) -> list[Stored]:
         stored = await with_retry(lambda: self.store.store_inbound(messages, self.first_due),
                                   self.retry, "intake")
         new = [s.message.received_at for s in stored if not s.redelivered]
         if new:
             self.stored(min(new) + self.first_due)
         self.seen(max(m.received_at for m in messages))
-        return [redelivered(s) for s in stored if s.redelivered]
+        return stored
+
+    async def _unstorable(self, event: RawEvent, messages: list[InboundMessage],
+                          exc: DatabaseError) -> None:
+        """An event whose messages the inbox refuses: a dead letter, like an invalid one."""
+        self.seen(max(m.received_at for m in messages))
+        reason = f"the inbox refused its {len(messages)} message(s): {exc}"[:500]
+        await self._finish(Invalid(reason, format=event.format, origin=event.origin), event)
 
     async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:
         if isinstance(item, Invalid):
@@ -80,7 +110,8 @@ class Intake:
                                                 item.reason, item.where)
             raw = json.dumps(redact_body(event.body)) if isinstance(event, RawEvent) else None
             await self.store.dead_letter("intake", item, raw)
-        await self.done.send(finished(item))
+        await self.done.send(finished(item, event.received_at
+                                      if isinstance(event, RawEvent) else None))
 
 
 @attrs.frozen
@@ -117,7 +148,8 @@ class LiveIntake:
         parsed = parse_event(event, self.directory)
         messages = [p for p in parsed if isinstance(p, InboundMessage)]
         invalid = tuple(p for p in parsed if isinstance(p, Invalid))
-        finished_parts = tuple(finished(p) for p in parsed if not isinstance(p, InboundMessage))
+        finished_parts = tuple(finished(p, event.received_at) for p in parsed
+                               if not isinstance(p, InboundMessage))
         stored = (await self.store.store_inbound(messages, self.first_due, stamp=True)
                   if messages
                   else [])

@@ -1,20 +1,24 @@
 """Outcomes: one JSON line per inbound message, and the counts the summary prints.
 
-Canonical order, so that a virtual-clock replay writes a byte-identical file every time:
-lines are written in the (virtual) time at which they were produced; lines produced at the
-same instant are ordered by instance, sender, then their place in the log (file, line) and
-message id. Trio varies the order in which ready tasks run, but under the virtual clock
-everything that happens at one instant happens before time moves on, so this order does not
-depend on scheduling. A conversation's lines keep the order the pipeline processed them.
+A live run writes each line as it is produced (an operator tails the file). A replay writes
+them in a canonical order, so that the same log and config give a byte-identical file
+whatever the machine's speed or Trio's scheduling: by the recorded time of the message (of
+the event, for one that ended at intake; a bad line takes the time of the line before it),
+then instance, sender, place in the log (file, line) and message id. A conversation's
+lines are therefore in the order its messages were received. The lines are held until the
+end of the run; past :data:`SPILL_LINES` they are sorted into temporary files and merged.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import heapq
 import json
 import re
+import tempfile
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TextIO
 
 import attrs
 import trio
@@ -23,15 +27,21 @@ from pipeline.records import Outcome
 
 _EXAMPLES = 10
 _ORIGIN = re.compile(r"^(.*):(\d+)$")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+#: lines held in memory before a sorted run of them goes to a temporary file
+SPILL_LINES = 100_000
 
-SortKey = tuple[str, str, str, int, str]
+SortKey = tuple[int, str, str, str, int, str, str]
 
 
-def canonical_key(outcome: Outcome) -> SortKey:
-    """Where a line goes among the lines of the same instant."""
+def canonical_key(outcome: Outcome, line: str = "") -> SortKey:
+    """Where a line goes in a replay's outcomes file."""
     match = _ORIGIN.match(outcome.origin)
     place = (match.group(1), int(match.group(2))) if match else (outcome.origin, 0)
-    return (outcome.instance or "", outcome.sender or "", *place, outcome.message_id or "")
+    at = -1 if outcome.at is None else (outcome.at - _EPOCH) // _MICROSECOND
+    return (at, outcome.instance or "", outcome.sender or "", *place, outcome.message_id or "",
+            line)
 
 
 @attrs.define
@@ -50,11 +60,11 @@ class OutcomeSink:
     live: bool = False
     #: called with each outcome and the Trio time it was produced (e.g. the HTML report)
     observers: list[Callable[[Outcome, float], None]] = attrs.field(factory=list)
-    _instant: float | None = None
-    _pending: list[tuple[SortKey, str]] = attrs.field(factory=list)
+    _pending: list[SortKey] = attrs.field(factory=list)
+    _runs: list[IO[str]] = attrs.field(factory=list)
 
     def record(self, outcome: Outcome, at: float | None = None) -> None:
-        """Count ``outcome`` and queue its line; ``at`` defaults to Trio's clock now."""
+        """Count ``outcome`` and write or queue its line."""
         self.total += 1
         self.actions[outcome.action] += 1
         if outcome.instance:
@@ -65,22 +75,35 @@ class OutcomeSink:
             self.invalid.append(f"{outcome.origin}: {outcome.reason}")
         if self.out is None:
             return
-        now = trio.current_time() if at is None else at
-        if self._instant is not None and now != self._instant:
-            self.flush()
-        self._instant = now
         line = json.dumps(outcome.as_json(), ensure_ascii=False)
-        self._pending.append((canonical_key(outcome), line))
         if self.live:
-            self.flush()
+            self.out.write(line + "\n")
             self.out.flush()
+            return
+        self._pending.append(canonical_key(outcome, line))
+        if len(self._pending) >= SPILL_LINES:
+            self._spill()
+
+    def _spill(self) -> None:
+        run = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (read at flush)
+        for key in sorted(self._pending):
+            run.write(json.dumps(key, ensure_ascii=False) + "\n")
+        run.seek(0)
+        self._runs.append(run)
+        self._pending.clear()
 
     def flush(self) -> None:
-        """Write the lines of the current instant, in canonical order."""
-        if self.out is not None:
-            for _, line in sorted(self._pending):
-                self.out.write(line + "\n")
+        """Write every queued line, in canonical order (the end of a replay)."""
+        if self.out is None:
+            return
+        runs: list[Iterator[SortKey]] = [iter(sorted(self._pending))]
+        runs += [(tuple(json.loads(text)) for text in run) for run in self._runs]  # type: ignore[misc]
+        for key in heapq.merge(*runs):
+            self.out.write(key[-1] + "\n")
+        for run in self._runs:
+            run.close()
         self._pending.clear()
+        self._runs.clear()
 
 
 async def collect_outcomes(
