@@ -2,7 +2,7 @@
 differs (action, reason, reply) -- how an operator tunes a threshold or a keyword list
 before changing production.
 
-Both replays run on the virtual clock against fresh databases, so the only differences
+Both replays run on event time against fresh databases, so the only differences
 are the configs'. Lines are matched by (instance, message id, occurrence): a redelivered
 id is compared with its own counterpart.
 """

@@ -6,7 +6,7 @@ Every string that comes from the data (instance names, reasons, file names) is e
 
 Feeding it, with memory bounded however long the run:
 
-* :class:`ReportCollector` -- :meth:`~ReportCollector.record` each outcome with the virtual
+* :class:`ReportCollector` -- :meth:`~ReportCollector.record` each outcome with the recorded
   time it was produced; outcomes are counted into time buckets per action (at most
   ``max_buckets`` of them: when the run outgrows them, the width steps up and neighbours are
   merged exactly), and escalation reasons are counted per instance.
@@ -151,7 +151,7 @@ class ReportData:
 
     title: str = "Replay report"
     sources: tuple[str, ...] = ()  # the replayed log files
-    clock: str = "virtual"
+    clock: str = "event"
     events: int = 0
     outcomes: int = 0
     virtual_s: float = 0.0  # the run's span on the replay clock
@@ -177,7 +177,7 @@ class ReportData:
 class ReportCollector:
     """Counts outcomes into time buckets as they come; :meth:`finish` makes the ReportData.
 
-    ``start`` is the virtual time (seconds) the run started at (default: the first outcome's);
+    ``start`` is the time (seconds) the run started at (default: the first outcome's);
     ``started_at`` the recorded time that corresponds to it (e.g. the first event's
     ``received_at``), so that the time axis shows recorded clock times.
     """
@@ -197,7 +197,7 @@ class ReportCollector:
         self._index = {a: i for i, a in enumerate(ACTIONS)}
 
     def record(self, outcome: Outcome, at: float) -> None:
-        """Count ``outcome``, produced at virtual time ``at`` (seconds)."""
+        """Count ``outcome``, at time ``at`` (seconds)."""
         if self.start is None:
             self.start = at
         offset = max(0.0, at - self.start)
@@ -245,7 +245,7 @@ class ReportCollector:
     def finish(self, metrics: Metrics, sink: OutcomeSink, *, events: int, real_s: float,
                round_trips: int = 0, virtual_s: float | None = None,
                sources: Iterable[str] = (), title: str = "Replay report",
-               clock: str = "virtual", generated: str = "") -> ReportData:
+               clock: str = "event", generated: str = "") -> ReportData:
         """The report of a finished run: ``metrics`` and ``sink`` as the run left them."""
         span = self.last if virtual_s is None else max(virtual_s, 0.0)
         instance_names = sorted({i for i, _ in sink.per_instance})

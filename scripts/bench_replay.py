@@ -1,0 +1,165 @@
+"""Replay speed: the faithful (event-time) replay of the bundled day against the same log
+pushed as fast as the pipeline accepts it, side by side in one run (issue 12).
+
+* **Faithful**: ``pipeline replay`` (``--clock event``, the default): every decision on the
+  recorded times, the outcomes the same in every run.
+* **Pushed**: ``--clock 100000x``: the log paced at 100,000 times its recorded speed on the
+  wall clock, i.e. as fast as the pipeline takes it, with bursts closed by the wall clock
+  (so they split: more, smaller turns). The baseline the faithful replay is measured
+  against.
+* **Server**: a throwaway embedded PostgreSQL, *fsync on* by default (``--fsync off``), each
+  run on a fresh database cloned from a migrated template. Between the pipeline and the
+  server, ``scripts/latency_proxy.py`` adds ``--delay-ms`` one way (default 1; 0 = the Unix
+  socket directly).
+* **Rates**: user messages (every outcome but ``ignored`` and ``invalid``) per second of the
+  run (from the first event handed over to the last outcome; database set-up excluded).
+  The modes alternate, ``--repeat`` times each (default 5), medians reported; the
+  faithful runs' outcome files are compared byte for byte.
+
+Run (about a minute on 2 cores)::
+
+    .venv/bin/python scripts/bench_replay.py
+    .venv/bin/python scripts/bench_replay.py --delay-ms 0 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import trio
+from loguru import logger
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py lives here
+from bench import Server, fresh_database, measure_rtt, prepare_server, routed
+
+from pipeline.cli import bundled_day
+from pipeline.config import load_config
+from pipeline.pgcluster import Cluster
+from pipeline.replay import ClockChoice, ReplayResult, replay
+
+MODES = {"faithful": ClockChoice(True), "pushed": ClockChoice(False, 100000.0)}
+
+
+@attrs.frozen
+class Route:
+    """What ``bench.routed`` needs to know."""
+
+    delay_ms: float
+    proxy: str = "process"
+
+
+@attrs.frozen
+class Run:
+    mode: str
+    messages: int
+    seconds: float
+    turns: int
+    round_trips: int
+    digest: str
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+@contextmanager
+def cluster(durable: bool) -> Iterator[Cluster]:
+    root = Path(tempfile.mkdtemp(prefix="pipeline-bench-replay-"))
+    root.chmod(0o755)  # as root the server runs as `postgres`: it must get in
+    pg = Cluster(root / "data", durable=durable)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        try:
+            pg.stop("immediate")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def one_run(server: Server, conninfo_of: object, mode: str, log: Path, n: int) -> Run:
+    async with fresh_database(server, f"replay_{os.getpid()}_{mode}_{n}") as name:
+        cfg = load_config(None)
+        dsn = conninfo_of(name)  # type: ignore[operator]
+        cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=dsn))
+        out = io.StringIO()
+        result: ReplayResult = await replay(cfg, [log], out=out, clock=MODES[mode],
+                                            fresh=False)
+    actions = result.sink.actions
+    messages = sum(v for k, v in actions.items() if k not in ("ignored", "invalid"))
+    turns = actions["replied"] + actions["escalated"] + actions["held"]
+    return Run(mode, messages, result.elapsed_s, turns, result.round_trips,
+               hashlib.sha256(out.getvalue().encode()).hexdigest()[:12])
+
+
+async def bench(args: argparse.Namespace, pg: Cluster) -> list[Run]:
+    server = await prepare_server(pg)
+    runs: list[Run] = []
+    async with routed(Route(args.delay_ms), server) as route:  # type: ignore[arg-type]
+        rtt = await measure_rtt(route)
+        print(f"round trip (SELECT 1): {rtt:.2f} ms; fsync {args.fsync}", file=sys.stderr)
+        for n in range(args.repeat):
+            order = list(MODES) if n % 2 == 0 else list(reversed(MODES))
+            for mode in order:
+                run = await one_run(server, route.conninfo, mode, args.log, n)
+                print(f"  {mode:9} {run.messages} msgs in {run.seconds:.2f} s = "
+                      f"{run.rate:,.0f} msgs/s, {run.turns} turns, outcomes {run.digest}",
+                      file=sys.stderr)
+                runs.append(run)
+    return runs
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> str:
+    rates = {m: statistics.median(r.rate for r in runs if r.mode == m) for m in MODES}
+    lines = [f"bundled day ({args.log.name}), {args.delay_ms:g} ms one way, fsync "
+             f"{args.fsync}, {args.repeat} runs each (median):", "",
+             "| replay | msgs/s | turns | round trips | distinct outcome files |",
+             "|---|---:|---:|---:|---:|"]
+    for mode in MODES:
+        mine = [r for r in runs if r.mode == mode]
+        lines.append(f"| {mode} (`--clock {'event' if mode == 'faithful' else '100000x'}`) "
+                     f"| {rates[mode]:,.0f} | {mine[0].turns} | "
+                     f"{statistics.median(r.round_trips for r in mine):,.0f} | "
+                     f"{len({r.digest for r in mine})} |")
+    ratio = rates["faithful"] / rates["pushed"]
+    lines += ["", f"faithful / pushed: {ratio:.2f} (target >= 0.90: "
+              f"{'met' if ratio >= 0.9 else 'NOT met'}); faithful outcomes identical in all "
+              f"{args.repeat} runs: {len({r.digest for r in runs if r.mode == 'faithful'}) == 1}"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--delay-ms", type=float, default=1.0, help="one-way latency (0: no proxy)")
+    p.add_argument("--repeat", type=int, default=5, help="runs of each mode")
+    p.add_argument("--fsync", choices=("on", "off"), default="on")
+    p.add_argument("--log", type=Path, default=bundled_day(), help="the log to replay")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.delay_ms < 0:
+        p.error("--repeat must be >= 1 and --delay-ms >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    with cluster(args.fsync == "on") as pg:
+        runs = trio.run(bench, args, pg)
+    print(report(runs, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
