@@ -1072,11 +1072,12 @@ def _targets_lines(result: dict[str, Any]) -> str:
 # --- the throwaway server ---------------------------------------------------------------------
 
 @contextmanager
-def throwaway_cluster() -> Iterator[Cluster]:
-    """An embedded cluster in a temporary directory (fsync off), stopped and removed after."""
+def throwaway_cluster(durable: bool = False) -> Iterator[Cluster]:
+    """An embedded cluster in a temporary directory (fsync off unless ``durable``), stopped
+    and removed after."""
     root = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     root.chmod(0o755)  # as root the server runs as `postgres`: it must get in
-    cluster = Cluster(root / "data", durable=False)
+    cluster = Cluster(root / "data", durable=durable)
     try:
         cluster.start()
         yield cluster

@@ -28,12 +28,9 @@ import argparse
 import hashlib
 import io
 import os
-import shutil
 import statistics
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -41,7 +38,7 @@ import trio
 from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py lives here
-from bench import Server, fresh_database, measure_rtt, prepare_server, routed
+from bench import Server, fresh_database, measure_rtt, prepare_server, routed, throwaway_cluster
 
 from pipeline.cli import bundled_day
 from pipeline.config import load_config
@@ -71,21 +68,6 @@ class Run:
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
-
-
-@contextmanager
-def cluster(durable: bool) -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="pipeline-bench-replay-"))
-    root.chmod(0o755)  # as root the server runs as `postgres`: it must get in
-    pg = Cluster(root / "data", durable=durable)
-    try:
-        pg.start()
-        yield pg
-    finally:
-        try:
-            pg.stop("immediate")
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 async def one_run(server: Server, conninfo_of: object, mode: str, log: Path, n: int) -> Run:
@@ -155,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
-    with cluster(args.fsync == "on") as pg:
+    with throwaway_cluster(durable=args.fsync == "on") as pg:
         runs = trio.run(bench, args, pg)
     print(report(runs, args))
     return 0
