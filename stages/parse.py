@@ -490,7 +490,7 @@ def _evolution_upsert(event: RawEvent, data: _Node, instance: str) -> Parsed:
     key = data.get("key")
     if key.get("fromMe").boolean():
         return _ignored(event, "own message (fromMe)", instance, _opt_id(key.get("id")))
-    sender, skip = _evolution_sender(key.get("remoteJid"))
+    sender, skip = _evolution_sender(key.get("remoteJid"), _evolution_phone(key, data))
     if skip:
         return _ignored(event, skip, instance, _opt_id(key.get("id")))
     message_id = key.get("id").text()
@@ -506,19 +506,44 @@ def _evolution_upsert(event: RawEvent, data: _Node, instance: str) -> Parsed:
     )
 
 
-def _evolution_sender(jid: _Node) -> tuple[str, str | None]:
-    """The conversation key of a remoteJid, or why the message is not a 1:1 user message."""
+def _evolution_sender(jid: _Node, phone: str | None) -> tuple[str, str | None]:
+    """The conversation key of a remoteJid, or why the message is not a 1:1 user message.
+
+    An @lid jid gives way to ``phone``, the number sent beside it, so that a person is one
+    conversation whichever of the two ids a payload carries, and replies go to the number.
+    """
     value = jid.text()
     user, _, domain = value.rpartition("@")
     if user and domain in ("s.whatsapp.net", "c.us"):
         return user, None
     if user and domain == "lid":
-        return value, None  # a lid carries no phone number: the whole id is the key
+        return phone or value, None  # without a number the whole lid is the key
     if domain == "g.us":
         return "", "group message"
     if domain in ("broadcast", "newsletter"):
         return "", f"{domain} message"
     raise jid.bad("a user jid (@s.whatsapp.net or @lid)")
+
+
+#: where Evolution puts the phone number of an @lid sender (evolution-api #1872): ``senderPn``
+#: (v2.3.0), later ``remoteJidAlt`` (v2.3.6), ``participantAlt`` in groups; in the key or data
+_PHONE_FIELDS = ("senderPn", "remoteJidAlt", "participantAlt")
+_PHONE_JID = re.compile(r"([0-9]{1,32})@(?:s\.whatsapp\.net|c\.us)")
+
+
+def _evolution_phone(key: _Node, data: _Node) -> str | None:
+    """The digits of the first phone jid among the alternate id fields, if any.
+
+    Lenient on purpose, like :func:`_opt_id`: a field that is missing or not a phone jid is
+    skipped, since the @lid alone still names the person.
+    """
+    for node in (key, data):
+        fields = node.value if isinstance(node.value, dict) else {}
+        for name in _PHONE_FIELDS:
+            value = fields.get(name)
+            if isinstance(value, str) and (match := _PHONE_JID.fullmatch(value)):
+                return match[1]
+    return None
 
 
 def _long_seconds(value: dict[str, Any]) -> Any:

@@ -541,9 +541,79 @@ def test_evolution_timestamp_forms(stamp: Any, seconds: int) -> None:
     assert evolution_with("data.messageTimestamp", stamp).sent_at == utc(seconds)
 
 
-def test_evolution_lid_sender_is_kept_whole() -> None:
-    result = evolution_with("data.key.remoteJid", "13718@lid")
-    assert result.sender == "13718@lid"
+LID = "13718@lid"
+PHONE = "5511999999999"
+
+
+def lid_body(alternates: dict[str, Any], jid: str = LID) -> Any:
+    """The text fixture sent from ``jid``, with alternate id fields at dotted paths."""
+    body = mutate(load("evolution", E_TEXT), "data.key.remoteJid", jid)
+    for path, value in alternates.items():
+        body = mutate(body, path, value)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("alternates", "sender"),
+    [
+        ({}, LID),  # no number anywhere: the whole lid is the key, as before
+        ({"data.key.senderPn": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.key.remoteJidAlt": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.key.participantAlt": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.senderPn": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.remoteJidAlt": f"{PHONE}@c.us"}, PHONE),
+        ({"data.participantAlt": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.key.senderPn": "", "data.key.remoteJidAlt": f"{PHONE}@s.whatsapp.net"}, PHONE),
+        ({"data.key.senderPn": f"{PHONE}@s.whatsapp.net", "data.remoteJidAlt": "1@s.whatsapp.net"},
+         PHONE),  # the key wins over data
+    ],
+    ids=["none", "key.senderPn", "key.remoteJidAlt", "key.participantAlt", "data.senderPn",
+         "data.remoteJidAlt", "data.participantAlt", "bad-then-good", "key-first"],
+)
+def test_evolution_lid_sender_takes_the_phone_beside_it(
+    alternates: dict[str, Any], sender: str
+) -> None:
+    result = one("evolution", lid_body(alternates))
+    assert isinstance(result, InboundMessage), result
+    assert result.sender == sender
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, 5, True, "", [f"{PHONE}@s.whatsapp.net"], {"user": PHONE}, PHONE, "98765@lid",
+     "abc@s.whatsapp.net", "@s.whatsapp.net", f"{PHONE}:7@s.whatsapp.net", f"{PHONE}@g.us",
+     f" {PHONE}@s.whatsapp.net", "١٢٣@s.whatsapp.net", "9" * 300 + "@s.whatsapp.net"],
+)
+@pytest.mark.parametrize("field", ["data.key.senderPn", "data.key.remoteJidAlt", "data.senderPn"])
+def test_evolution_bad_alternate_is_ignored(field: str, bad: Any) -> None:
+    result = one("evolution", lid_body({field: bad}))
+    assert isinstance(result, InboundMessage), result
+    assert result.sender == LID
+
+
+def test_evolution_same_person_by_lid_or_phone_is_one_conversation() -> None:
+    by_lid = one("evolution", lid_body({"data.key.senderPn": f"{PHONE}@s.whatsapp.net"}))
+    by_phone = one("evolution", lid_body({}, jid=f"{PHONE}@s.whatsapp.net"))
+    assert by_lid.sender == by_phone.sender == PHONE
+
+
+def test_evolution_phone_jid_wins_over_a_lid_alternate() -> None:
+    """v2.3.6 may send the phone as remoteJid and the lid as remoteJidAlt."""
+    body = lid_body({"data.key.remoteJidAlt": LID}, jid=f"{PHONE}@s.whatsapp.net")
+    assert one("evolution", body).sender == PHONE
+
+
+@pytest.mark.parametrize(
+    ("jid", "from_me", "reason"),
+    [(LID, True, "own message (fromMe)"), ("1203630@g.us", False, "group message")],
+)
+def test_evolution_alternates_do_not_change_ignored_messages(
+    jid: str, from_me: bool, reason: str
+) -> None:
+    alternates = {"data.key.participantAlt": f"{PHONE}@s.whatsapp.net", "data.key.fromMe": from_me}
+    result = one("evolution", lid_body(alternates, jid=jid))
+    assert result == Ignored(reason=reason, format="evolution", instance="test",
+                             message_id="BAE5F2A7C4E99999", origin="t.jsonl:7")
 
 
 @pytest.mark.parametrize(
@@ -627,7 +697,8 @@ def test_directory_rejects_empty_instance_names() -> None:
 KEYS = ["object", "entry", "changes", "field", "value", "metadata", "phone_number_id",
         "contacts", "messages", "statuses", "id", "from", "timestamp", "type", "text", "body",
         "event", "instance", "data", "key", "fromMe", "remoteJid", "messageTimestamp",
-        "message", "messageType", "conversation", "low", "contextInfo", "stanzaId"]
+        "message", "messageType", "conversation", "low", "contextInfo", "stanzaId",
+        "senderPn", "remoteJidAlt", "participantAlt"]
 STRINGS = ["whatsapp_business_account", "messages", "1122334455667", "messages.upsert",
            "loja-centro", "text", "image", "1756634400", "5511@s.whatsapp.net", "1@lid",
            "conversation", "imageMessage", "reaction", "location", "interactive", ""]
