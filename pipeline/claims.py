@@ -249,6 +249,8 @@ class Claimer:
     def finished(self, claim: Claim, next_due: dt.datetime | None = None) -> None:
         """The claim was committed; its conversation is due again at ``next_due`` (None:
         nothing of it is pending)."""
+        if (held := self.in_flight.get(claim.token)) is not None:
+            self.metrics.operation("turn").record((time.monotonic() - held[1]) * 1000)
         self._forget(claim)
         self.wake.due(next_due)
 

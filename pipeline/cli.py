@@ -357,7 +357,8 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                                         finite=False, roles=roles)
                     shutdown.on_stop(pipeline.stop_sources)
                     await pipeline.run(live_source(cfg, store, metrics, ready,
-                                                   serve_webhooks="webhook" in roles))
+                                                   serve_webhooks="webhook" in roles,
+                                                   sink=sink))
             nursery.cancel_scope.cancel()
 
     with ExitStack() as stack:

@@ -47,6 +47,7 @@ LoadName = Literal["conversation", "history", "webhook", "escalation", "interact
 LoadPolicy = Literal["required", "default"]
 ResponderKind = Literal["rules", "openai"]
 Transport = Literal["dry", "evolution", "cloud-api"]
+InstanceTransport = Literal["", "dry", "evolution", "cloud-api"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 LOADS: tuple[LoadName, ...] = typing.get_args(LoadName)
 
@@ -152,6 +153,24 @@ class ReplayConfig:
     reorder_window_s: float = setting(
         600.0, "lines out of received_at order by up to this much are put back in place; "
         "a line further out is reported and not replayed (`--reorder-window` overrides)", gt=0)
+
+
+@attrs.frozen
+class RetentionConfig:
+    """``[retention]``: how long finished rows are kept; ``pipeline run`` deletes older ones
+    (``pipeline/retention.py``). Pending work and conversations are never deleted."""
+
+    inbox_days: int = setting(
+        30, "processed inbox rows are deleted this many days after they were processed; "
+        "0 = kept forever (a redelivered message id older than this is answered again)", ge=0)
+    outbox_days: int = setting(30, "delivered outbox rows are deleted this many days after "
+                               "delivery; 0 = kept forever", ge=0)
+    dead_letters_days: int = setting(90, "dead letters (and dead outbox rows) are deleted this "
+                                     "many days after they were written; 0 = kept forever", ge=0)
+    interval_s: float = setting(3600.0, "time between two retention passes", gt=0)
+    batch_rows: int = setting(1000, "rows deleted per statement", ge=1)
+    batch_pause_ms: float = setting(100.0, "pause between two batches, so a large backlog never "
+                                    "hogs the database", ge=0)
 
 
 @attrs.frozen
@@ -346,6 +365,28 @@ class InstanceConfig:
     escalation_keywords: tuple[str, ...] = setting((), "added to [escalation] keywords",
                                                    nonempty=True)
     max_failed_answers: int = setting(0, "0 = the [escalation] value", ge=0)
+    transport: InstanceTransport = setting(
+        "", "how this number's replies are sent: dry, evolution or cloud-api; "
+        "\"\" = [dispatch] transport")
+    base_url: str = setting("", "its Evolution API / Cloud API base URL; \"\" = [dispatch] "
+                            "base_url", prefixes=_URL)
+    api_key: str = setting("", "its Evolution apikey / Cloud API bearer token; \"\" = "
+                           "[dispatch] api_key", secret=True,
+                           env="PIPELINE_INSTANCE_{name}_API_KEY")
+
+    def channel(self, dispatch: DispatchConfig) -> Channel:
+        """How this number's replies go out: its own settings, else ``[dispatch]``'s."""
+        return Channel(self.transport or dispatch.transport,
+                       self.base_url or dispatch.base_url, self.api_key or dispatch.api_key)
+
+
+@attrs.frozen
+class Channel:
+    """One number's way out: ``transport`` with its ``base_url`` and ``api_key``."""
+
+    transport: Transport
+    base_url: str
+    api_key: str = attrs.field(repr=False)
 
 
 def _index(attr: str) -> Callable[[Config], dict[str, str]]:
@@ -364,6 +405,7 @@ class Config:
     metrics: MetricsConfig = _section(MetricsConfig, "metrics")
     webhook: WebhookConfig = _section(WebhookConfig, "the live webhook source")
     replay: ReplayConfig = _section(ReplayConfig, "reading recorded logs")
+    retention: RetentionConfig = _section(RetentionConfig, "deleting old finished rows")
     intake: IntakeConfig = _section(IntakeConfig, "burst buffer and inbox")
     dedupe: DedupeConfig = _section(DedupeConfig, "duplicate detection")
     context: ContextConfig = _section(ContextConfig, "context loading")
@@ -445,6 +487,8 @@ class _Walker:
             return base if base is not None else cls()
         here = loc.enter()
         fields = {a.name: a for a in attrs.fields(cls) if a.init}
+        if "name" in fields and isinstance(data.get("name"), str) and data["name"]:
+            name = data["name"]  # an array entry's env overrides are named after it
         for key in data:
             if key not in fields:
                 self.problem(here, f"unknown key {str(key)!r}{_hint(str(key), fields)}")
@@ -697,7 +741,17 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[_Loc, str]]:
                    f"must name a responder of [responders], not {instance.responder!r}"
                    + _hint(instance.responder, cfg.responders))
     dispatch = cfg.dispatch
-    if dispatch.transport != "dry" and not dispatch.base_url:
+    inherited = not cfg.instances
+    for i, instance in enumerate(cfg.instances):
+        channel = instance.channel(dispatch)
+        if channel.transport == "dry" or channel.base_url:
+            continue
+        if instance.transport:
+            yield (_Loc(f"[[instances]][{i}]", "base_url"),
+                   f"is required when transport = {channel.transport!r} (here or in [dispatch])")
+        else:
+            inherited = True
+    if inherited and dispatch.transport != "dry" and not dispatch.base_url:
         yield _Loc("[dispatch]", "base_url"), f"is required when transport = {dispatch.transport!r}"
     if dispatch.backoff_max_s < dispatch.backoff_initial_s:
         initial, most = dispatch.backoff_initial_s, dispatch.backoff_max_s

@@ -31,6 +31,7 @@ from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
 from pipeline.records import Invalid, Outcome, RawEvent, Turn
+from pipeline.retention import RetentionStore, run_retention
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
 from stages.context import ContextBatcher, ContextLoader, LoadContext
@@ -150,10 +151,14 @@ class Pipeline:
         await self.store.seed_instances(instance_rows(self.cfg))
         stop_delivery = trio.Event()
         async with httpx.AsyncClient() as http, trio.open_nursery() as outer:
-            if "delivery" in self.roles and self.cfg.dispatch.transport != "dry":
+            if "delivery" in self.roles and not all(dry_instances(self.cfg).values()):
                 outbox = OutboxStore(self.store.pool, self.cfg.database.query_timeout_s)
                 await outer.start(partial(run_delivery, self.cfg, outbox, wake=self.wake,
                                           stopping=stop_delivery, stats=self.deliveries))
+            if not self.finite and self.roles & {"delivery", "turns"}:
+                retention = RetentionStore(self.store.pool, self.cfg.database.query_timeout_s)
+                await outer.start(partial(run_retention, self.cfg.retention, retention,
+                                          stopping=stop_delivery))
             with self._work:
                 async with trio.open_nursery() as nursery:
                     inlets = await self._start_stages(nursery, http)
@@ -269,11 +274,16 @@ class Pipeline:
                                 then)
             recv = next_recv
         clock = claimer.clock
-        dispatch = Dispatch(store, handover, cfg.dispatch.transport, claimer.finished,
+        dispatch = Dispatch(store, handover, dry_instances(cfg), claimer.finished,
                             (lambda: None) if clock.database else clock.now,
                             burst_rules(cfg).first_due, self.wake.notify, DB_RETRY)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
+
+
+def dry_instances(cfg: Config) -> dict[str, bool]:
+    """Whether each instance's channel is ``dry`` (its outbox rows are recorded, not sent)."""
+    return {i.name: i.channel(cfg.dispatch).transport == "dry" for i in cfg.instances}
 
 
 def instance_directory(cfg: Config) -> InstanceDirectory:

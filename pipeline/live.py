@@ -19,17 +19,19 @@ from pipeline.config import Config
 from pipeline.db import open_pool
 from pipeline.engine import Inlets, Source, burst_rules, instance_directory
 from pipeline.metrics import Metrics
+from pipeline.prometheus import Exporter, problems
 from pipeline.recorded_log import LogRecorder, RecordDirError
 from pipeline.store import Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, LiveIntake, redelivered
+from stages.outcomes import OutcomeSink
 
 ACK_CONNECTIONS = 2
 
 
 def live_source(cfg: Config, store: Store, metrics: Metrics,
                 ready: Callable[[str], None] = lambda url: None, *,
-                serve_webhooks: bool = True) -> Source:
+                serve_webhooks: bool = True, sink: OutcomeSink | None = None) -> Source:
     """The source of ``pipeline run``; ``ready`` gets the server's URL once it listens."""
 
     async def source(inlets: Inlets) -> None:
@@ -54,11 +56,17 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
             async with open_pool(store.pool.conninfo, ACK_CONNECTIONS,
                                  connect_timeout_s=cfg.database.connect_timeout_s) as acks, \
                     trio.open_nursery() as nursery:
-                intake = LiveIntake(Store(acks, cfg.database.query_timeout_s),
-                                    instance_directory(cfg), burst_rules(cfg).first_due)
+                acks_store = Store(acks, cfg.database.query_timeout_s)
+                intake = LiveIntake(acks_store, instance_directory(cfg),
+                                    burst_rules(cfg).first_due)
+                exporter = Exporter(metrics, sink or OutcomeSink(), acks_store.figures,
+                                    store.pool.stats)
+                readiness = partial(problems, acks_store.ping, acks_store.applied_migrations,
+                                    inlets.stopping.is_set)
                 app = WebhookApp(cfg.webhook, intake,
                                  partial(_handover, inlets, intake.first_due),
-                                 metrics.stage("webhook"), recorder)
+                                 metrics.stage("webhook"), recorder, exporter=exporter,
+                                 readiness=readiness)
                 url = await nursery.start(partial(
                     serve, app, cfg.webhook.host, cfg.webhook.port,
                     grace_s=cfg.pipeline.shutdown_grace_s, stopping=inlets.stopping))

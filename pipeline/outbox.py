@@ -54,8 +54,9 @@ class OutboxRow:
         return self.conversation_id * 2 + (1 if self.kind == "webhook" else 0)
 
 
-class OutboxStore:
-    """The statements of the delivery task over a :class:`Pool`; see the module docstring."""
+class Statements:
+    """One statement a call on a pooled connection, under ``query_timeout_s``, psycopg errors
+    translated; ``round_trips`` counts them. The base of the background tasks' stores."""
 
     def __init__(self, pool: Pool, query_timeout_s: float) -> None:
         self.pool = pool
@@ -80,6 +81,10 @@ class OutboxStore:
         async with self._conn() as conn:
             cur = await conn.execute(sql, params)
             return await cur.fetchall() if cur.description else []
+
+
+class OutboxStore(Statements):
+    """The statements of the delivery task over a :class:`Pool`; see the module docstring."""
 
     async def claim(self, limit: int, *, busy: Collection[int] = (), lease_s: float,
                     now: dt.datetime | None = None) -> list[OutboxRow]:
@@ -132,20 +137,23 @@ class OutboxStore:
         return {str(status): int(n) for status, n in rows}
 
 
-#: the queue a row is in (see OutboxRow.lane; the index of migration 0003 is on it)
-_LANE = ("CASE WHEN conversation_id IS NULL THEN -id"
-         " ELSE conversation_id * 2 + (kind = 'webhook')::int END")
+#: the queue a row is in, of the row aliased ``t`` (see OutboxRow.lane; the index of
+#: migration 0003 is on this expression)
+_LANE = ("CASE WHEN {t}.conversation_id IS NULL THEN -{t}.id"
+         " ELSE {t}.conversation_id * 2 + ({t}.kind = 'webhook')::int END")
 
+# Walks the due pending rows in due order (outbox_due) and keeps those with no older pending
+# row in their lane (a probe of outbox_pending_lane): the heads, without sorting every
+# pending row or joining the whole table -- only pending rows are read, however much
+# delivered history the table holds.
 _CLAIM = """
-WITH heads AS (
-    SELECT DISTINCT ON ({lane}) id, next_attempt_at, {lane} AS lane
-    FROM outbox WHERE status = 'pending'
-    ORDER BY {lane}, id
-), due AS (
-    SELECT o.id FROM outbox o JOIN heads h ON h.id = o.id
-    WHERE h.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
-      AND NOT (h.lane = ANY(%(busy)s::bigint[]))
-    ORDER BY h.next_attempt_at, h.id
+WITH due AS (
+    SELECT o.id FROM outbox o
+    WHERE o.status = 'pending' AND o.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
+      AND NOT ({lane_o} = ANY(%(busy)s::bigint[]))
+      AND NOT EXISTS (SELECT 1 FROM outbox p
+                      WHERE p.status = 'pending' AND {lane_p} = {lane_o} AND p.id < o.id)
+    ORDER BY o.next_attempt_at, o.id
     LIMIT %(limit)s
     FOR UPDATE OF o SKIP LOCKED
 )
@@ -155,7 +163,7 @@ WHERE outbox.id = due.id AND outbox.status = 'pending'
   AND outbox.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
 RETURNING outbox.id, outbox.idempotency_key, outbox.kind, outbox.instance,
           outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts
-""".replace("{lane}", _LANE)
+""".replace("{lane_o}", _LANE.format(t="o")).replace("{lane_p}", _LANE.format(t="p"))
 
 _MARK_DEAD = """
 WITH dead AS (

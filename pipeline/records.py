@@ -82,15 +82,39 @@ class InboundMessage:
         return (self.instance, self.sender)
 
 
+ReceiptStatus = Literal["sent", "delivered", "read", "failed"]
+#: a status never goes back: a late "sent" does not undo "read"
+RECEIPT_RANK: dict[str, int] = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
+
+
+@attrs.frozen
+class Receipt:
+    """What a channel says of a message the business sent: a status webhook (Cloud API
+    ``statuses``, Evolution ``messages.update``) or Evolution's echo of its own send (a
+    ``fromMe`` upsert or ``send.message``: ``number`` and ``text`` say what was sent).
+    ``key`` is our idempotency key when the channel hands it back (the Cloud API's
+    ``biz_opaque_callback_data``); ``error`` a failed status's code and title."""
+
+    instance: str
+    provider_id: str
+    status: ReceiptStatus
+    key: str | None = None
+    error: str | None = None
+    number: str | None = None
+    text: str | None = None
+
+
 @attrs.frozen
 class Ignored:
-    """A well-formed event that is not a user message (receipt, own send, presence...)."""
+    """A well-formed event that is not a user message (receipt, own send, presence...);
+    ``receipt`` what it says of a message the business sent, if anything."""
 
     reason: str
     format: Format
     instance: str | None = None
     message_id: str | None = None
     origin: str = "webhook"
+    receipt: Receipt | None = None
 
 
 @attrs.frozen

@@ -68,18 +68,23 @@ def parse_clock(text: str) -> ClockChoice:
 
 
 def send_targets(cfg: Config) -> list[str]:
-    """Where a run with ``cfg`` sends: the transport's base URL and customer webhooks."""
+    """Where a run with ``cfg`` sends: each number's channel and customer webhooks."""
     targets = []
-    if cfg.dispatch.transport != "dry":
-        targets.append(f"{cfg.dispatch.transport} replies to {cfg.dispatch.base_url}")
-        targets += [f"events of {i.name} to {i.webhook_url}" for i in cfg.instances
-                    if i.webhook_url]
+    for instance in cfg.instances:
+        channel = instance.channel(cfg.dispatch)
+        if channel.transport != "dry":
+            targets.append(f"{channel.transport} replies of {instance.name} to "
+                           f"{channel.base_url}")
+            if instance.webhook_url:
+                targets.append(f"events of {instance.name} to {instance.webhook_url}")
     return targets
 
 
 def dry(cfg: Config) -> Config:
-    """``cfg`` with the dry transport: replies and events are recorded, never sent."""
-    return attrs.evolve(cfg, dispatch=attrs.evolve(cfg.dispatch, transport="dry"))
+    """``cfg`` with the dry transport everywhere: replies and events are recorded only."""
+    return attrs.evolve(cfg, dispatch=attrs.evolve(cfg.dispatch, transport="dry"),
+                        instances=tuple(attrs.evolve(i, transport="dry")
+                                        for i in cfg.instances))
 
 
 @attrs.frozen
@@ -142,7 +147,7 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     ``send`` the configured targets are not sent to (the dry transport is used)."""
     choice = clock or ClockChoice(True)
     not_sent_to: tuple[str, ...] = ()
-    if not send and cfg.dispatch.transport != "dry":
+    if not send and send_targets(cfg):
         not_sent_to = tuple(send_targets(cfg))
         cfg = dry(cfg)
     sink = OutcomeSink(out)

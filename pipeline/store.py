@@ -215,6 +215,20 @@ class Store:
     async def ping(self) -> None:
         await self._all("SELECT 1")
 
+    async def applied_migrations(self) -> list[str]:
+        """The versions in ``schema_migrations`` (readiness: are they current?)."""
+        return [str(v) for v, in await self._all("SELECT version FROM schema_migrations")]
+
+    async def figures(self) -> dict[str, Any]:
+        """What ``/metrics`` shows of the database, in one statement: outbox rows by status,
+        dead letters, pending inbox rows."""
+        (outbox, dead, pending), = await self._all(
+            "SELECT (SELECT coalesce(json_object_agg(status, n), '{}'::json) FROM"
+            "        (SELECT status, count(*) AS n FROM outbox GROUP BY status) s),"
+            " (SELECT count(*) FROM dead_letters),"
+            " (SELECT count(*) FROM inbox WHERE status = 'pending')")
+        return {"outbox": outbox, "dead_letters": dead, "inbox_pending": pending}
+
     async def seed_instances(self, rows: Sequence[InstanceRow]) -> None:
         """Make the ``instances`` table match the config (inserted or updated, never deleted).
 

@@ -26,7 +26,7 @@ import attrs
 import httpx
 import trio
 
-from pipeline.config import DispatchConfig, InstanceConfig
+from pipeline.config import Channel, DispatchConfig, InstanceConfig
 from pipeline.outbox import OutboxRow
 
 Verdict = Literal["delivered", "retry", "final"]
@@ -76,23 +76,22 @@ def _text(row: OutboxRow) -> str:
     return text
 
 
-def evolution_request(row: OutboxRow, dispatch: DispatchConfig,
+def evolution_request(row: OutboxRow, channel: Channel,
                       instance: InstanceConfig) -> HttpRequest:
-    """Evolution API ``sendText`` (answers 201 Created)."""
-    url = f"{dispatch.base_url.rstrip('/')}/message/sendText/{instance.evolution_instance}"
-    return HttpRequest(url, {"apikey": dispatch.api_key, "content-type": "application/json"},
+    """Evolution API ``sendText`` with the instance's ``apikey`` (answers 201 Created)."""
+    url = f"{channel.base_url.rstrip('/')}/message/sendText/{instance.evolution_instance}"
+    return HttpRequest(url, {"apikey": channel.api_key, "content-type": "application/json"},
                        _json_bytes({"number": row.target, "text": _text(row)}))
 
 
-def cloud_request(row: OutboxRow, dispatch: DispatchConfig,
-                  instance: InstanceConfig) -> HttpRequest:
-    """Cloud API ``/<phone_number_id>/messages`` with a text message."""
+def cloud_request(row: OutboxRow, channel: Channel, instance: InstanceConfig) -> HttpRequest:
+    """Cloud API ``/<phone_number_id>/messages`` with a text message and the number's token."""
     if not instance.phone_number_id:
         raise UnsendableRow(f"instance {instance.name!r} has no phone_number_id for cloud-api")
-    url = f"{dispatch.base_url.rstrip('/')}/{instance.phone_number_id}/messages"
+    url = f"{channel.base_url.rstrip('/')}/{instance.phone_number_id}/messages"
     body = {"messaging_product": "whatsapp", "to": row.target, "type": "text",
             "text": {"body": _text(row)}}
-    return HttpRequest(url, {"authorization": f"Bearer {dispatch.api_key}",
+    return HttpRequest(url, {"authorization": f"Bearer {channel.api_key}",
                              "content-type": "application/json"}, _json_bytes(body))
 
 
@@ -108,16 +107,15 @@ def webhook_request(row: OutboxRow, instance: InstanceConfig) -> HttpRequest:
     return HttpRequest(row.target, headers, body)
 
 
-def build_request(row: OutboxRow, dispatch: DispatchConfig,
-                  instance: InstanceConfig) -> HttpRequest:
-    """The request for ``row`` with a real transport (``dry`` sends nothing)."""
+def build_request(row: OutboxRow, channel: Channel, instance: InstanceConfig) -> HttpRequest:
+    """The request for ``row`` on the instance's ``channel`` (``dry`` sends nothing)."""
     if row.kind == "webhook":
         return webhook_request(row, instance)
-    if dispatch.transport == "evolution":
-        return evolution_request(row, dispatch, instance)
-    if dispatch.transport == "cloud-api":
-        return cloud_request(row, dispatch, instance)
-    raise UnsendableRow(f"transport {dispatch.transport!r} sends nothing")
+    if channel.transport == "evolution":
+        return evolution_request(row, channel, instance)
+    if channel.transport == "cloud-api":
+        return cloud_request(row, channel, instance)
+    raise UnsendableRow(f"transport {channel.transport!r} sends nothing")
 
 
 def retry_after(value: str | None, cap_s: float) -> float | None:
@@ -169,16 +167,17 @@ class Sender:
 
     async def send(self, row: OutboxRow) -> SendResult:
         """Send ``row`` once, within ``dispatch.timeout_s``; never raises for HTTP trouble."""
-        if self.dispatch.transport == "dry":
-            return SendResult("delivered", "dry transport: recorded, not sent")
         instance = self.instances.get(row.instance)
         if instance is None:
             return SendResult("final", f"instance {row.instance!r} is not configured")
+        channel = instance.channel(self.dispatch)
+        if channel.transport == "dry":
+            return SendResult("delivered", "dry transport: recorded, not sent")
         try:
-            request = build_request(row, self.dispatch, instance)
+            request = build_request(row, channel, instance)
         except UnsendableRow as exc:
             return SendResult("final", str(exc))
-        secrets = (self.dispatch.api_key, instance.webhook_secret)
+        secrets = (channel.api_key, self.dispatch.api_key, instance.webhook_secret)
         result = await self._post(request, secrets)
         return attrs.evolve(result, detail=_mask(result.detail, secrets))
 

@@ -8,7 +8,10 @@ Routes:
   ``apikey`` checked first (header, or the body's own ``apikey`` field)
 * ``GET  /escalations`` and ``POST /escalations/<id>/resolve`` -- operators, with
   ``Authorization: Bearer <webhook.resolve_token>`` (off while the token is empty)
-* ``GET  /healthz``
+* ``GET  /healthz`` -- alive (answers as long as the process runs)
+* ``GET  /readyz`` -- 200 when the database answers, its migrations are current and the
+  process is not shutting down; 503 with the problems otherwise
+* ``GET  /metrics`` -- Prometheus text format (:mod:`pipeline.prometheus`)
 
 Order of checks for a POST: size (413) → credentials (401) → JSON (400 + dead letter) →
 parse (400 + dead letter when nothing in the body is usable) → inbox write (503 with
@@ -40,6 +43,7 @@ from loguru import logger
 from pipeline.config import WebhookConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.metrics import StageMetrics
+from pipeline.prometheus import CONTENT_TYPE, Exporter
 from pipeline.recorded_log import LogRecorder
 from pipeline.records import Format, Invalid, RawEvent
 from stages.intake import Accepted, LiveIntake, redact_body
@@ -99,6 +103,9 @@ class WebhookApp:
     stats: StageMetrics
     recorder: LogRecorder | None = None
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    #: ``GET /metrics`` (None: 404) and the problems ``GET /readyz`` reports (none: ready)
+    exporter: Exporter | None = None
+    readiness: Callable[[], Awaitable[list[str]]] | None = None
     _record_warning: tuple[str, float] | None = attrs.field(default=None, init=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,6 +127,14 @@ class WebhookApp:
         self.stats.received += 1
         if path == "/healthz":
             return Response(200, {"status": "ok"})
+        if path == "/readyz":
+            why = await self.readiness() if self.readiness is not None else []
+            return Response(503 if why else 200,
+                            {"status": "not ready", "problems": why} if why else
+                            {"status": "ready"})
+        if path == "/metrics" and self.exporter is not None:
+            return Response(200, (await self.exporter.page()).decode(),
+                            (("content-type", CONTENT_TYPE),))
         if path == "/escalations" or path.startswith("/escalations/"):
             return await self._escalations(method, path, _headers(scope))
         if path == "/webhook/cloud-api" and method == "GET":
@@ -287,8 +302,9 @@ async def _respond(send: Send, response: Response) -> None:
         payload, ctype = response.body.encode(), "text/plain; charset=utf-8"
     else:
         payload, ctype = json.dumps(response.body).encode(), "application/json"
+    ctype = dict(response.headers).get("content-type", ctype)
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode()),
-               *((k.encode(), v.encode()) for k, v in response.headers)]
+               *((k.encode(), v.encode()) for k, v in response.headers if k != "content-type")]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 

@@ -12,7 +12,7 @@ wakes it).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -100,7 +100,7 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
 class Dispatch:
     store: Store
     messages: dict[str, Messages]  # by instance
-    transport: str
+    dry: Mapping[str, bool]  # by instance: its channel records rather than sends
     finished: Callable[[Claim, dt.datetime | None], None]
     now: Callable[[], dt.datetime | None]  # None: the database's clock
     next_due: dt.timedelta
@@ -108,7 +108,7 @@ class Dispatch:
     retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
-        fx = effects(turn, self.messages[turn.instance], self.transport == "dry")
+        fx = effects(turn, self.messages[turn.instance], self.dry.get(turn.instance, True))
         commit = turn_commit(turn, fx, self.next_due, self.now())
         done = await with_retry(lambda: self.store.commit_claim(commit), self.retry,
                                 "dispatch")

@@ -23,7 +23,16 @@ from typing import Any
 
 import attrs
 
-from pipeline.records import Ignored, InboundMessage, Invalid, Parsed, RawEvent
+from pipeline.records import (
+    RECEIPT_RANK,
+    Ignored,
+    InboundMessage,
+    Invalid,
+    Parsed,
+    RawEvent,
+    Receipt,
+    ReceiptStatus,
+)
 
 __all__ = [
     "BodyError",
@@ -363,9 +372,37 @@ def _cloud_names(contacts: _Node) -> dict[str, str]:
     return names
 
 
+#: Cloud API error codes worth naming (research/whatsapp-channels.md)
+KNOWN_ERRORS = {131047: "outside the 24-hour window: only a template can be sent",
+                131056: "too many messages to this user in a short time",
+                130429: "throughput limit of the number reached"}
+
+
 def _cloud_status(event: RawEvent, status: _Node, instance: str) -> Ignored:
     state = status.get("status").text()
-    return _ignored(event, f"receipt: {state}", instance, _opt_id(status.get("id")))
+    message_id = _opt_id(status.get("id"))
+    error = _cloud_error(status.get("errors")) if state == "failed" else None
+    receipt = None
+    if message_id and state in RECEIPT_RANK:
+        receipt = Receipt(instance, message_id, state,  # type: ignore[arg-type]
+                          key=_opt_id(status.get("biz_opaque_callback_data")), error=error,
+                          number=_opt_id(status.get("recipient_id")))
+    reason = f"receipt: {state}" + (f" ({error})" if error else "")
+    return attrs.evolve(_ignored(event, reason, instance, message_id), receipt=receipt)
+
+
+def _cloud_error(errors: _Node) -> str:
+    """``131047 outside the 24-hour window: … (Re-engagement message)``: code and title of
+    the first error, lenient (a receipt is never invalid for its error's shape)."""
+    items = errors.value if isinstance(errors.value, list) else []
+    first = items[0] if items and isinstance(items[0], dict) else {}
+    code, title = first.get("code"), first.get("title")
+    label = str(code) if isinstance(code, int | str) else "unknown error"
+    if isinstance(code, int) and code in KNOWN_ERRORS:
+        label += f" {KNOWN_ERRORS[code]}"
+    if isinstance(title, str) and title:
+        label += f" ({title[:120]})"
+    return label
 
 
 def _cloud_message(
@@ -478,18 +515,58 @@ _CLOUD_CONTENT: dict[str, Callable[[_Node, str], _Content]] = {
 def _parse_evolution(event: RawEvent, instances: InstanceDirectory) -> list[Parsed]:
     root = _Node(event.body, "")
     name = root.get("event").text()
-    if name.lower().replace("_", ".") != "messages.upsert":
+    normal = name.lower().replace("_", ".")
+    if normal not in ("messages.upsert", "send.message"):
         raw = root.get("instance").value
         known = instances.by_evolution_name.get(raw) if isinstance(raw, str) else None
-        return [_ignored(event, f"event: {name}", known)]
+        ignored = _ignored(event, f"event: {name}", known)
+        if normal == "messages.update" and known:
+            return [_evolution_status(ignored, root.get("data"), known)]
+        return [ignored]
     instance = _lookup(instances.by_evolution_name, root.get("instance"))
     return [_evolution_upsert(event, root.get("data"), instance)]
+
+
+#: Evolution's message states (Baileys' ack levels) as receipts
+_EVOLUTION_STATES: dict[str, ReceiptStatus] = {
+    "SERVER_ACK": "sent", "DELIVERY_ACK": "delivered", "READ": "read", "PLAYED": "read",
+    "ERROR": "failed"}
+
+
+def _evolution_status(ignored: Ignored, data: _Node, instance: str) -> Ignored:
+    """``messages.update``: the state of a message, ours when ``fromMe`` (lenient: a status
+    that does not fit is an ignored event, as before)."""
+    fields = data.value if isinstance(data.value, dict) else {}
+    message_id = fields.get("keyId")
+    state = _EVOLUTION_STATES.get(str(fields.get("status")))
+    if not (isinstance(message_id, str) and message_id and state):
+        return ignored
+    return attrs.evolve(ignored, reason=f"receipt: {state}", message_id=message_id,
+                        receipt=Receipt(instance, message_id, state))
+
+
+def _evolution_echo(event: RawEvent, data: _Node, key: _Node, instance: str) -> Ignored:
+    """Evolution's echo of a message sent from the number (by us, or by a person on the
+    phone): what was sent to whom, so that a send whose answer was lost is recognised."""
+    message_id = _opt_id(key.get("id"))
+    ignored = _ignored(event, "own message (fromMe)", instance, message_id)
+    number, _, domain = str(key.get("remoteJid").value or "").partition("@")
+    message = data.get("message").value
+    text = None
+    if isinstance(message, dict):
+        extended = message.get("extendedTextMessage")
+        text = message.get("conversation") or (extended.get("text")
+                                               if isinstance(extended, dict) else None)
+    if not message_id or domain not in ("s.whatsapp.net", "c.us") or not isinstance(text, str):
+        return ignored
+    return attrs.evolve(ignored, receipt=Receipt(instance, message_id, "sent", number=number,
+                                                 text=text))
 
 
 def _evolution_upsert(event: RawEvent, data: _Node, instance: str) -> Parsed:
     key = data.get("key")
     if key.get("fromMe").boolean():
-        return _ignored(event, "own message (fromMe)", instance, _opt_id(key.get("id")))
+        return _evolution_echo(event, data, key, instance)
     sender, skip = _evolution_sender(key.get("remoteJid"), _evolution_phone(key, data))
     if skip:
         return _ignored(event, skip, instance, _opt_id(key.get("id")))

@@ -478,16 +478,17 @@ def test_env_replaces_a_bad_file_value_but_not_other_problems() -> None:
 
 def test_redacted_hides_every_secret() -> None:
     secret_keys = {(r.table, r.key) for r in reference() if r.secret}
-    assert len(secret_keys) == 8
+    assert len(secret_keys) == 9
     data = with_acme({
         "dispatch": {"api_key": "dispatch-key-6"},
         "responders": {"gpt-4o": GPT},
     })
-    data["instances"] = [{"name": "acme", "webhook_secret": "hmac-key-7"}]
+    data["instances"] = [{"name": "acme", "webhook_secret": "hmac-key-7",
+                          "api_key": "number-token-8"}]
     cfg = parse_config(data, "x.toml", ENV)
     plain = redacted(cfg)
     text = json.dumps(plain)  # plain data all the way down
-    for value in [*ENV.values(), "dispatch-key-6", "hmac-key-7", "hunter2"]:
+    for value in [*ENV.values(), "dispatch-key-6", "hmac-key-7", "number-token-8", "hunter2"]:
         assert value not in text
     assert plain["database"]["dsn"] == "***"
     assert {plain["webhook"][k] for k in ("app_secret", "verify_token", "evolution_apikey",
@@ -495,6 +496,7 @@ def test_redacted_hides_every_secret() -> None:
     assert plain["responders"]["gpt-4o"]["api_key"] == "***"
     assert plain["dispatch"]["api_key"] == "***"
     assert plain["instances"][0]["webhook_secret"] == "***"
+    assert plain["instances"][0]["api_key"] == "***"
     assert plain["responders"]["rules"]["api_key"] == ""  # unset: nothing to hide
     assert plain["pipeline"]["channel_capacity"] == 16
     assert "instance_by_phone_number_id" not in plain
@@ -550,3 +552,28 @@ def test_any_value_of_any_key_gives_a_config_or_config_error(row: Any, value: An
         parse_config(data, "fuzz.toml", {})
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_each_instance_may_have_its_own_channel() -> None:
+    data = with_acme({"dispatch": {"transport": "evolution", "base_url": "http://127.0.0.1:1",
+                                   "api_key": "shared"}})
+    data["instances"] = [
+        {"name": "acme"},
+        {"name": "cloud-2", "phone_number_id": "22", "transport": "cloud-api",
+         "base_url": "http://127.0.0.1:2/v21.0"},
+        {"name": "quiet", "transport": "dry"},
+    ]
+    cfg = parse_config(data, "x.toml", {"PIPELINE_INSTANCE_CLOUD_2_API_KEY": "token-2"})
+    channels = {i.name: i.channel(cfg.dispatch) for i in cfg.instances}
+    assert (channels["acme"].transport, channels["acme"].api_key) == ("evolution", "shared")
+    assert channels["cloud-2"].transport == "cloud-api"
+    assert channels["cloud-2"].base_url == "http://127.0.0.1:2/v21.0"
+    assert channels["cloud-2"].api_key == "token-2"  # the instance's environment override
+    assert channels["quiet"].transport == "dry"
+    data["instances"][1].pop("base_url")
+    data["dispatch"] = {"transport": "dry"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "x.toml", {})
+    assert str(err.value).splitlines()[-1].strip() == (
+        "x.toml: [[instances]][1] base_url is required when transport = 'cloud-api' "
+        "(here or in [dispatch])")

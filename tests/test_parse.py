@@ -9,11 +9,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.records import Ignored, InboundMessage, Invalid, RawEvent
+from pipeline.records import Ignored, InboundMessage, Invalid, RawEvent, Receipt
 from stages.parse import (
     BodyError,
     InstanceDirectory,
@@ -84,10 +85,12 @@ CLOUD_MESSAGES: dict[str, tuple[str, str, str | None, str | None, int]] = {
     "16_unsupported_type.json": ("unsupported", "", None, None, 1697044706),
 }
 CLOUD_RECEIPTS = {
-    "17_status_sent.json": "receipt: sent",
-    "18_status_delivered.json": "receipt: delivered",
-    "19_status_read.json": "receipt: read",
-    "20_status_failed.json": "receipt: failed",
+    "17_status_sent.json": ("receipt: sent", "sent", None),
+    "18_status_delivered.json": ("receipt: delivered", "delivered", None),
+    "19_status_read.json": ("receipt: read", "read", None),
+    "20_status_failed.json": (
+        "receipt: failed (130472 (User's number is part of an experiment))", "failed",
+        "130472 (User's number is part of an experiment)"),
 }
 
 
@@ -120,10 +123,26 @@ def test_cloud_fixture_image_with_caption_other_instance() -> None:
 
 @pytest.mark.parametrize("name", sorted(CLOUD_RECEIPTS))
 def test_cloud_fixture_receipts(name: str) -> None:
+    reason, status, error = CLOUD_RECEIPTS[name]
     assert one("cloud-api", load("cloud-api", name)) == Ignored(
-        reason=CLOUD_RECEIPTS[name], format="cloud-api", instance="demo",
+        reason=reason, format="cloud-api", instance="demo",
         message_id="wamid.xyzxyz", origin="t.jsonl:7",
+        receipt=Receipt("demo", "wamid.xyzxyz", status, error=error,  # type: ignore[arg-type]
+                        number="972987654321"),
     )
+
+
+def test_a_status_names_the_24_hour_window_and_hands_back_our_key() -> None:
+    body = load("cloud-api", "20_status_failed.json")
+    status = body["entry"][0]["changes"][0]["value"]["statuses"][0]
+    status["errors"][0].update(code=131047, title="Re-engagement message")
+    status["biz_opaque_callback_data"] = "t_abc:reply"
+    ignored = one("cloud-api", body)
+    assert isinstance(ignored, Ignored) and ignored.receipt is not None
+    assert ignored.receipt.key == "t_abc:reply"
+    assert ignored.receipt.error == ("131047 outside the 24-hour window: only a template can "
+                                     "be sent (Re-engagement message)")
+    assert ignored.reason == f"receipt: failed ({ignored.receipt.error})"
 
 
 # file -> (instance, message_id, sender, sender_name, kind, text, reply_to, sent_at)
@@ -167,12 +186,14 @@ EVOLUTION_IGNORED: dict[str, tuple[str, str, str | None]] = {
     "01_upsert_text_fromMe_issue631.json": (
         "own message (fromMe)", "clinica", "4DA1D8D1B5B0139AC8C44B44B8CF5A93",
     ),
-    "05_send_message_extendedtext_long_timestamp_v1.json": ("event: send.message", "laks", None),
+    "05_send_message_extendedtext_long_timestamp_v1.json": (
+        "own message (fromMe)", "laks", "BAE520405E56E538"),
     "06_upsert_text_fromMe_v2_server_ack.json": (
         "own message (fromMe)", "nome", "3AE99D6A1DBF3F9A0578",
     ),
     "07_messages_update_deleted_issue2010.json": ("event: messages.update", "my", None),
-    "08_messages_update_read_issue2010.json": ("event: messages.update", "my", None),
+    "08_messages_update_read_issue2010.json": (
+        "receipt: read", "my", "A5561E44C2A63682E4295B52F484C14E"),
     "09_connection_update_close.json": ("event: connection.update", "sergio", None),
     "10_upsert_group_participant_lid_issue1746.json": (
         "group message", "wpwb", "3EB07B86E02236BE3DD95F",
@@ -201,10 +222,27 @@ def test_evolution_fixture_messages(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(EVOLUTION_IGNORED))
 def test_evolution_fixture_ignored(name: str) -> None:
     reason, instance, message_id = EVOLUTION_IGNORED[name]
-    assert one("evolution", load("evolution", name)) == Ignored(
+    got = one("evolution", load("evolution", name))
+    assert attrs.evolve(got, receipt=None) == Ignored(
         reason=reason, format="evolution", instance=instance, message_id=message_id,
         origin="t.jsonl:7",
     )
+    assert (got.receipt is not None) == (name in EVOLUTION_RECEIPTS)
+    if got.receipt is not None:
+        status, number, text = EVOLUTION_RECEIPTS[name]
+        assert got.receipt == Receipt(instance, str(message_id), status,  # type: ignore[arg-type]
+                                      number=number, text=text)
+
+
+# file -> (status, number, text) of the receipt or echo an ignored event carries
+EVOLUTION_RECEIPTS: dict[str, tuple[str, str | None, str | None]] = {
+    "01_upsert_text_fromMe_issue631.json": ("sent", '55119********', (
+        'Clínica ****** agradece seu contato. Como podemos ajudar?\n*A'
+        'tendimento de segunda a sexta das 08:00hs as 18:00hs*\nNosso telefone fixo: **********')),
+    "05_send_message_extendedtext_long_timestamp_v1.json": ("sent", "553191819932", "tes"),
+    "06_upsert_text_fromMe_v2_server_ack.json": ("sent", "558197088404", "Texto da mensagem"),
+    "08_messages_update_read_issue2010.json": ("read", None, None),
+}
 
 
 @pytest.mark.parametrize("name", sorted(EVOLUTION_INVALID))

@@ -31,15 +31,20 @@ from pipeline.replay import replay
 
 @attrs.define
 class CountingServer:
-    """Answers every POST with 200 and a JSON id; keeps the paths posted to."""
+    """Answers every POST with 200 and a JSON id; keeps the paths posted to, and each
+    request's path, headers and body."""
 
     posts: list[str] = attrs.field(factory=list)
+    requests: list[tuple[str, dict[str, str], Any]] = attrs.field(factory=list)
     url: str = ""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if await read_request(scope, receive, send) is None:
+        raw = await read_request(scope, receive, send)
+        if raw is None:
             return
         self.posts.append(scope["path"])
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.requests.append((scope["path"], headers, json.loads(raw or b"null")))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body",

@@ -242,7 +242,7 @@ async def test_a_production_config_sends_nothing_unless_asked(cluster: Cluster,
                             for i in cfg.instances))
         result = await replay(cfg, [sample_log()])
         assert server.posts == []
-        assert result.not_sent_to[0] == f"evolution replies to {server.url}"
+        assert result.not_sent_to[0] == f"evolution replies of demo to {server.url}"
         assert f"events of demo to {server.url}/hook" in result.not_sent_to
         assert result.sink.actions["replied"] > 0
         sent = await replay(cfg, [sample_log()], send=True)
@@ -261,7 +261,7 @@ def test_cli_says_what_it_did_not_send_and_refuses_send_with_compare(
     run = subprocess.run([sys.executable, "-m", "pipeline", "replay", "--config", str(cfg_path),
                           str(sample_log())], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "not sent (the dry transport; --send sends): evolution replies to " \
+    assert "not sent (the dry transport; --send sends): evolution replies of demo to " \
            "http://127.0.0.1:9" in run.stdout
     assert "replaying with the dry transport: nothing is sent to" in run.stderr
     both = subprocess.run([sys.executable, "-m", "pipeline", "replay", "--config", str(cfg_path),
