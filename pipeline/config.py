@@ -337,10 +337,15 @@ class DispatchConfig:
     base_url: str = setting("", "Evolution API or Cloud API base URL (required unless dry)",
                             prefixes=_URL)
     api_key: str = setting("", "Evolution apikey / Cloud API bearer token", secret=True)
-    max_attempts: int = setting(5, "sends before a dead letter", ge=1)
-    backoff_initial_s: float = setting(1.0, "first pause between attempts", gt=0)
-    backoff_max_s: float = setting(60.0, "longest pause (>= backoff_initial_s)", gt=0)
+    max_attempts: int = setting(10, "sends before a dead letter (the defaults retry for "
+                                "about 25 minutes, like Evolution's own webhooks)", ge=1)
+    backoff_initial_s: float = setting(5.0, "first pause between attempts", gt=0)
+    backoff_max_s: float = setting(300.0, "longest pause (>= backoff_initial_s; hours are "
+                                   "fine)", gt=0)
     timeout_s: float = setting(10.0, "time one send may take", gt=0)
+    reconcile_s: float = setting(30.0, "a send whose outcome is unknown (its process died, "
+                                 "its answer was lost) waits this long for the channel's "
+                                 "echo before it is sent again", ge=0)
     concurrency: int = setting(16, "deliveries in flight at once (one per conversation)", ge=1)
     poll_interval_s: float = setting(1.0, "how often the outbox is checked for rows due "
                                      "(new rows wake the delivery task at once)", gt=0)

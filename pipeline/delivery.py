@@ -86,6 +86,11 @@ class DeliveryStats:
     delivered: int = 0
     retried: int = 0
     dead: int = 0
+    #: sends in doubt (process died, answer lost) the channel's echo showed landed: not
+    #: sent again; those still waiting for an echo; those sent again after none came
+    reconciled: int = 0
+    awaiting_echo: int = 0
+    resent_in_doubt: int = 0
     db_errors: int = 0  # claims or releases that failed; the rows stay pending
     unrecorded: int = 0  # sends that happened but whose outcome could not be recorded
     in_flight: int = 0
@@ -97,7 +102,8 @@ class DeliveryStats:
 
     def summary(self) -> str:
         return (f"delivery: delivered={self.delivered}, retried={self.retried}, "
-                f"dead={self.dead}, db errors={self.db_errors}, "
+                f"dead={self.dead}, reconciled={self.reconciled}, "
+                f"resent in doubt={self.resent_in_doubt}, db errors={self.db_errors}, "
                 f"not recorded={self.unrecorded}, peak in flight={self.peak_in_flight}")
 
 
@@ -108,6 +114,8 @@ class Step:
     action: Literal["delivered", "retry", "dead"]
     reason: str = ""
     delay_s: float = 0.0
+    provider_id: str | None = None  # the channel's id of the message sent
+    in_doubt: bool = False  # a retry whose request may have landed
 
 
 def backoff_policy(dispatch: DispatchConfig) -> Backoff:
@@ -121,15 +129,15 @@ def next_step(result: SendResult, attempts_before: int, policy: Backoff,
     """Decide a row's fate from its send. ``attempts_before`` counts its earlier sends, so
     the budget (``policy.attempts``) holds across restarts."""
     if result.verdict == "delivered":
-        return Step("delivered")
+        return Step("delivered", provider_id=result.provider_id)
     attempt = attempts_before + 1
     if result.verdict == "final":
         return Step("dead", f"refused at attempt {attempt}: {result.detail}")
     if attempt >= policy.attempts:
         return Step("dead", f"gave up after {attempt} attempts: {result.detail}")
-    if result.retry_after_s is not None:
-        return Step("retry", result.detail, result.retry_after_s)
-    return Step("retry", result.detail, policy.pause(attempt, rng))
+    pause = (result.retry_after_s if result.retry_after_s is not None
+             else policy.pause(attempt, rng))
+    return Step("retry", result.detail, pause, in_doubt=result.in_doubt)
 
 
 @attrs.define
@@ -221,6 +229,10 @@ class _Delivery:
 
     async def _deliver(self, row: OutboxRow) -> None:
         try:
+            if row.in_doubt_s is not None and row.to_user:
+                with self._shielded(self.last_statement_s):
+                    if await self._reconcile(row):
+                        return
             try:
                 result = await self.sender.send(row)
             except trio.Cancelled:
@@ -236,6 +248,42 @@ class _Delivery:
             self.lanes.discard(row.lane)
             self.stats.in_flight -= 1
             self.wake.notify()
+
+    async def _reconcile(self, row: OutboxRow) -> bool:
+        """A send of ``row`` may have landed (its process died mid-send, its answer was
+        lost) and WhatsApp has no idempotency key: before sending again, look at what the
+        channel echoed meanwhile (a status webhook carrying our key, Evolution's ``fromMe``
+        echo; recorded on the row by intake). Echoed: delivered, not sent again. Nothing
+        yet: wait up to ``dispatch.reconcile_s`` from that send. Still nothing: send again.
+        True when the row is settled (or left to its lease) without a send now."""
+        log = _log(row)
+        assert row.in_doubt_s is not None
+        try:
+            if row.provider_id or row.receipt:
+                if await self.outbox.mark_delivered(row.id, row.provider_id, sent=False):
+                    self.stats.reconciled += 1
+                    self.stats.delivered += 1
+                    log.info("{}: the channel echoed the send in doubt ({}): delivered, not "
+                             "sent again", row.idempotency_key, row.receipt or "its id")
+                return True
+            wait = self.dispatch.reconcile_s - row.in_doubt_s
+            if wait > 0:
+                if await self.outbox.await_echo(row.id, wait):
+                    self.stats.awaiting_echo += 1
+                    heapq.heappush(self.retries_due, trio.current_time() + wait)
+                    log.info("{}: a send is in doubt; waiting {:.1f} s for the channel's "
+                             "echo before sending again", row.idempotency_key, wait)
+                return True
+            if not await self.outbox.resend(row.id):
+                return True
+        except DatabaseError as exc:  # the lease ends on its own; the doubt stays recorded
+            self.stats.db_errors += 1
+            log.error("cannot reconcile the send in doubt of {}: {}", row.idempotency_key, exc)
+            return True
+        self.stats.resent_in_doubt += 1
+        log.warning("{}: no echo of the send in doubt within {} s: sending it again",
+                    row.idempotency_key, self.dispatch.reconcile_s)
+        return False
 
     async def _release(self, row: OutboxRow) -> None:
         try:
@@ -261,12 +309,13 @@ class _Delivery:
     async def _apply(self, row: OutboxRow, step: Step) -> None:
         log = _log(row)
         if step.action == "delivered":
-            if await self.outbox.mark_delivered(row.id):
+            if await self.outbox.mark_delivered(row.id, step.provider_id):
                 self.stats.delivered += 1
                 log.debug("{} delivered", row.idempotency_key)
                 return
         elif step.action == "retry":
-            if await self.outbox.reschedule(row.id, step.delay_s, step.reason):
+            if await self.outbox.reschedule(row.id, step.delay_s, step.reason,
+                                            in_doubt=step.in_doubt and row.to_user):
                 heapq.heappush(self.retries_due, trio.current_time() + step.delay_s)
                 self.stats.retried += 1
                 log.info("{} failed ({}), retry in {:.3f} s", row.idempotency_key, step.reason,

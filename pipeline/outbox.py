@@ -41,6 +41,18 @@ class OutboxRow:
     target: str
     payload: dict[str, Any]
     attempts: int
+    #: a send of this row whose outcome is unknown started this many seconds ago (its
+    #: process died, or its answer was lost); None: no send in doubt
+    in_doubt_s: float | None = None
+    #: what the channel said of it meanwhile: its id for the message, its latest status
+    provider_id: str | None = None
+    receipt: str | None = None
+
+    @property
+    def to_user(self) -> bool:
+        """A message to the user (reply, hand-over) rather than a customer webhook event:
+        the channel has no idempotency key, so a send in doubt is reconciled first."""
+        return self.kind != "webhook"
 
     @property
     def lane(self) -> int:
@@ -100,26 +112,52 @@ class OutboxStore(Statements):
                                         "lease": dt.timedelta(seconds=lease_s), "now": now})
         return sorted((OutboxRow(*row) for row in rows), key=lambda r: r.id)
 
-    async def mark_delivered(self, row_id: int) -> bool:
-        """Record a successful send; ``False`` if the row was no longer pending."""
+    async def mark_delivered(self, row_id: int, provider_id: str | None = None, *,
+                             sent: bool = True) -> bool:
+        """Record a successful send (``sent`` False: a send in doubt that the channel's echo
+        showed landed, not sent again); ``False`` if the row was no longer pending."""
         rows = await self._all(
             "UPDATE outbox SET status = 'delivered', delivered_at = now(),"
-            " attempts = attempts + 1, last_error = NULL"
-            " WHERE id = %s AND status = 'pending' RETURNING id", (row_id,))
+            " attempts = attempts + %s, last_error = NULL, sending_since = NULL,"
+            " provider_id = coalesce(provider_id, %s)"
+            " WHERE id = %s AND status = 'pending' RETURNING id",
+            (1 if sent else 0, provider_id, row_id))
         return bool(rows)
 
-    async def reschedule(self, row_id: int, delay_s: float, error: str) -> bool:
-        """Count a failed send and make the row due again ``delay_s`` seconds from now."""
+    async def reschedule(self, row_id: int, delay_s: float, error: str, *,
+                         in_doubt: bool = False) -> bool:
+        """Count a failed send and make the row due again ``delay_s`` seconds from now.
+        ``in_doubt``: the request may have landed (a timeout, a lost answer): the next claim
+        reconciles it with the channel first."""
         rows = await self._all(
             "UPDATE outbox SET attempts = attempts + 1, last_error = %s,"
-            " next_attempt_at = now() + %s"
+            " next_attempt_at = now() + %s,"
+            " sending_since = CASE WHEN %s THEN sending_since END"
             " WHERE id = %s AND status = 'pending' RETURNING id",
-            (error, dt.timedelta(seconds=delay_s), row_id))
+            (error, dt.timedelta(seconds=delay_s), in_doubt, row_id))
+        return bool(rows)
+
+    async def await_echo(self, row_id: int, delay_s: float) -> bool:
+        """A send in doubt the channel has not echoed yet: look again in ``delay_s``,
+        attempts unchanged, still in doubt."""
+        rows = await self._all(
+            "UPDATE outbox SET next_attempt_at = now() + %s"
+            " WHERE id = %s AND status = 'pending' RETURNING id",
+            (dt.timedelta(seconds=delay_s), row_id))
+        return bool(rows)
+
+    async def resend(self, row_id: int) -> bool:
+        """No echo came within the bound: the send in doubt is taken as lost and the row is
+        sent again now (its doubt starts over with this send)."""
+        rows = await self._all(
+            "UPDATE outbox SET sending_since = now()"
+            " WHERE id = %s AND status = 'pending' RETURNING id", (row_id,))
         return bool(rows)
 
     async def release(self, row_id: int) -> bool:
         """End the lease of a row whose send was abandoned unsent-or-unknown (cancelled): it
-        is due at once, attempts unchanged; its idempotency key makes the resend safe."""
+        is due at once, attempts unchanged. A webhook event's idempotency key makes its
+        resend safe; a message to the user stays in doubt, reconciled before a resend."""
         rows = await self._all(
             "UPDATE outbox SET next_attempt_at = now()"
             " WHERE id = %s AND status = 'pending' RETURNING id", (row_id,))
@@ -148,7 +186,7 @@ _LANE = ("CASE WHEN {t}.conversation_id IS NULL THEN -{t}.id"
 # delivered history the table holds.
 _CLAIM = """
 WITH due AS (
-    SELECT o.id FROM outbox o
+    SELECT o.id, o.sending_since AS doubt FROM outbox o
     WHERE o.status = 'pending' AND o.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
       AND NOT ({lane_o} = ANY(%(busy)s::bigint[]))
       AND NOT EXISTS (SELECT 1 FROM outbox p
@@ -157,12 +195,14 @@ WITH due AS (
     LIMIT %(limit)s
     FOR UPDATE OF o SKIP LOCKED
 )
-UPDATE outbox SET next_attempt_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s
+UPDATE outbox SET next_attempt_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s,
+    sending_since = CASE WHEN outbox.kind <> 'webhook' THEN coalesce(due.doubt, now()) END
 FROM due
 WHERE outbox.id = due.id AND outbox.status = 'pending'
   AND outbox.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
 RETURNING outbox.id, outbox.idempotency_key, outbox.kind, outbox.instance,
-          outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts
+          outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts,
+          extract(epoch FROM now() - due.doubt)::float8, outbox.provider_id, outbox.receipt
 """.replace("{lane_o}", _LANE.format(t="o")).replace("{lane_p}", _LANE.format(t="p"))
 
 _MARK_DEAD = """

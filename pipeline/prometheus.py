@@ -90,6 +90,12 @@ class _Collector(Collector):
             if n - named.get(action, 0):
                 family.add_metric(["", action], n - named.get(action, 0))
         yield family
+        receipts = CounterMetricFamily("pipeline_receipts", "status webhooks of our sends, by "
+                                       "instance and status (failed: WhatsApp refused it)",
+                                       labels=["instance", "status"])
+        for (instance, status), n in sorted(sink.receipts.items()):
+            receipts.add_metric([instance, status], n)
+        yield receipts
 
     def _stages(self) -> Iterator[Metric]:
         metrics = self.exporter.metrics

@@ -256,6 +256,8 @@ class Outcome:
     #: the recorded time of the message (of the event, for one that ended at intake): a
     #: replay writes its outcomes in this order; not part of the line
     at: dt.datetime | None = attrs.field(default=None, eq=False)
+    #: a status webhook's status (``sent`` ... ``failed``), for the metrics; not in the line
+    receipt: str | None = attrs.field(default=None, eq=False)
 
     def timed(self, stage: str, ms: float) -> Outcome:
         """The time a stage spent on the message's turn; a message that ended without a

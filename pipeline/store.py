@@ -20,7 +20,16 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
-from pipeline.records import Action, Claim, InboundMessage, Invalid, Stored, Turn, TurnContext
+from pipeline.records import (
+    Action,
+    Claim,
+    InboundMessage,
+    Invalid,
+    Receipt,
+    Stored,
+    Turn,
+    TurnContext,
+)
 from stages.turns import BurstRules
 
 
@@ -214,6 +223,21 @@ class Store:
 
     async def ping(self) -> None:
         await self._all("SELECT 1")
+
+    async def record_receipts(self, receipts: Sequence[Receipt]) -> int:
+        """Apply what channels said of our sends to their outbox rows, in one statement; the
+        number of receipts that found a row. A receipt finds its row by our key (the Cloud
+        API's ``biz_opaque_callback_data``), by the channel's id for the message, or -- an
+        Evolution echo -- as the send in doubt to that number with that text. A status
+        never goes back (``read`` stays when a late ``sent`` arrives)."""
+        if not receipts:
+            return 0
+        (found,), = await self._all(_RECORD_RECEIPTS, {
+            "inst": [r.instance for r in receipts], "pid": [r.provider_id for r in receipts],
+            "st": [r.status for r in receipts], "key": [r.key for r in receipts],
+            "err": [r.error for r in receipts], "num": [r.number for r in receipts],
+            "txt": [r.text for r in receipts]})
+        return int(found)
 
     async def applied_migrations(self) -> list[str]:
         """The versions in ``schema_migrations`` (readiness: are they current?)."""
@@ -845,3 +869,34 @@ SELECT CASE
     ELSE 'ok' END,
     (SELECT due_at FROM lease)
 """
+
+_RANK = "array_position(ARRAY['sent', 'delivered', 'read', 'failed'], {})"
+_RECORD_RECEIPTS = """
+WITH r AS (
+    SELECT * FROM unnest(%(inst)b::text[], %(pid)b::text[], %(st)b::text[], %(key)b::text[],
+                         %(err)b::text[], %(num)b::text[], %(txt)b::text[])
+         WITH ORDINALITY AS r(instance, pid, status, key, err, num, txt, ord)
+), m AS (
+    SELECT r.*, coalesce(
+        (SELECT o.id FROM outbox o WHERE r.key IS NOT NULL AND o.idempotency_key = r.key
+           AND o.instance = r.instance),
+        (SELECT o.id FROM outbox o WHERE o.instance = r.instance AND o.provider_id = r.pid
+          ORDER BY o.id LIMIT 1),
+        (SELECT o.id FROM outbox o WHERE r.txt IS NOT NULL AND o.instance = r.instance
+           AND o.sending_since IS NOT NULL AND o.provider_id IS NULL AND o.target = r.num
+           AND o.payload ->> 'text' = r.txt ORDER BY o.id LIMIT 1)) AS row_id
+    FROM r
+), best AS (
+    SELECT DISTINCT ON (row_id) row_id, pid, status, err FROM m WHERE row_id IS NOT NULL
+    ORDER BY row_id, {rank_m} DESC
+), upd AS (
+    UPDATE outbox o SET provider_id = coalesce(o.provider_id, b.pid),
+        receipt = CASE WHEN {rank_b} > coalesce({rank_o}, 0) THEN b.status ELSE o.receipt END,
+        receipt_error = coalesce(b.err, o.receipt_error), receipt_at = now()
+    FROM best b WHERE o.id = b.row_id
+    RETURNING o.id
+)
+SELECT count(*) FROM m WHERE row_id IS NOT NULL
+""".replace("{rank_b}", _RANK.format("b.status")).replace("{rank_o}", _RANK.format("o.receipt")) \
+    .replace("{rank_m}", _RANK.format("status"))
+

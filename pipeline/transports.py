@@ -45,6 +45,10 @@ class SendResult:
     detail: str
     status: int | None = None
     retry_after_s: float | None = None  # the receiver's Retry-After, already capped
+    #: the channel's id of the message sent (from the answer), when it gave one
+    provider_id: str | None = None
+    #: the request may have landed although no answer says so (a timeout, a lost answer)
+    in_doubt: bool = False
 
 
 @attrs.frozen
@@ -90,7 +94,10 @@ def cloud_request(row: OutboxRow, channel: Channel, instance: InstanceConfig) ->
         raise UnsendableRow(f"instance {instance.name!r} has no phone_number_id for cloud-api")
     url = f"{channel.base_url.rstrip('/')}/{instance.phone_number_id}/messages"
     body = {"messaging_product": "whatsapp", "to": row.target, "type": "text",
-            "text": {"body": _text(row)}}
+            "text": {"body": _text(row)},
+            # echoed in the status webhooks of this message: a send whose answer was lost
+            # is recognised by it (pipeline/delivery.py)
+            "biz_opaque_callback_data": row.idempotency_key[:512]}
     return HttpRequest(url, {"authorization": f"Bearer {channel.api_key}",
                              "content-type": "application/json"}, _json_bytes(body))
 
@@ -136,7 +143,7 @@ def classify(status: int, headers: Mapping[str, str], body: str,
              retry_after_cap_s: float) -> SendResult:
     """What an HTTP answer means for the row: delivered, retry later, or give up."""
     if 200 <= status < 300:
-        return SendResult("delivered", f"http {status}", status)
+        return SendResult("delivered", f"http {status}", status, provider_id=sent_id(body))
     excerpt = body.strip()[:BODY_EXCERPT_CHARS]
     detail = f"http {status}: {excerpt}" if excerpt else f"http {status}"
     wait = (retry_after(headers.get("retry-after"), retry_after_cap_s)
@@ -144,6 +151,22 @@ def classify(status: int, headers: Mapping[str, str], body: str,
     if status >= 500 or status in _RETRYABLE_STATUS:
         return SendResult("retry", detail, status, wait)
     return SendResult("final", detail, status)
+
+
+def sent_id(body: str) -> str | None:
+    """The id a channel gave the message it accepted: Evolution ``{"key": {"id"}}``, Cloud
+    API ``{"messages": [{"id"}]}``; None when the answer has none."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    key, messages = data.get("key"), data.get("messages")
+    found = (key.get("id") if isinstance(key, dict) else None) or (
+        messages[0].get("id") if isinstance(messages, list) and messages
+        and isinstance(messages[0], dict) else None)
+    return found if isinstance(found, str) and 0 < len(found) <= 256 else None
 
 
 def _why(exc: Exception) -> str:
@@ -187,15 +210,17 @@ class Sender:
             try:
                 response = await self.client.post(request.url, content=request.body,
                                                   headers=request.headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent
+                return SendResult("retry", f"connection error: {_why(exc) or 'timeout'}")
             except httpx.TimeoutException:
-                return SendResult("retry", f"timeout after {limit} s")
+                return SendResult("retry", f"timeout after {limit} s", in_doubt=True)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 return SendResult("final", f"bad target url: {exc}")
-            except httpx.TransportError as exc:
-                return SendResult("retry", f"connection error: {_why(exc)}")
-            except httpx.HTTPError as exc:  # e.g. an undecodable answer: it may not have landed
-                return SendResult("retry", f"request failed: {_why(exc)}")
+            except httpx.TransportError as exc:  # the request may have landed
+                return SendResult("retry", f"connection error: {_why(exc)}", in_doubt=True)
+            except httpx.HTTPError as exc:  # e.g. an undecodable answer: it may have landed
+                return SendResult("retry", f"request failed: {_why(exc)}", in_doubt=True)
             # masked before it is cut short, so no prefix of a secret survives the cut
             return classify(response.status_code, response.headers,
                             _mask(response.text, secrets), self.dispatch.backoff_max_s)
-        return SendResult("retry", f"timeout after {limit} s")
+        return SendResult("retry", f"timeout after {limit} s", in_doubt=True)

@@ -19,7 +19,15 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff, with_retry
 from pipeline.db import DatabaseError, DatabaseUnavailable
-from pipeline.records import Ignored, InboundMessage, Invalid, Outcome, RawEvent, Stored
+from pipeline.records import (
+    Ignored,
+    InboundMessage,
+    Invalid,
+    Outcome,
+    RawEvent,
+    Receipt,
+    Stored,
+)
 from pipeline.store import Store
 from stages.parse import InstanceDirectory, parse_event
 
@@ -28,7 +36,8 @@ def finished(item: Ignored | Invalid, at: dt.datetime | None = None) -> Outcome:
     """The outcome line of an event that ends at intake (received at ``at``)."""
     if isinstance(item, Ignored):
         return Outcome("ignored", item.message_id, item.instance, None, reason=item.reason,
-                       origin=item.origin, at=at)
+                       origin=item.origin, at=at,
+                       receipt=item.receipt.status if item.receipt else None)
     where = f" (at {item.where})" if item.where and item.where != item.origin else ""
     return Outcome("invalid", None, None, None, reason=f"{item.reason}{where}",
                    origin=item.origin, at=at or item.at)
@@ -58,8 +67,10 @@ class Intake:
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         groups: list[tuple[RawEvent, list[InboundMessage]]] = []
+        receipts: list[Receipt] = []
         for event in batch:
             parsed = [event] if isinstance(event, Invalid) else parse_event(event, self.directory)
+            receipts += [p.receipt for p in parsed if isinstance(p, Ignored) and p.receipt]
             messages = [item for item in parsed if isinstance(item, InboundMessage)]
             for item in parsed:
                 if not isinstance(item, InboundMessage):
@@ -67,6 +78,8 @@ class Intake:
             if messages:
                 assert isinstance(event, RawEvent)
                 groups.append((event, messages))
+        if receipts:
+            await with_retry(lambda: self.store.record_receipts(receipts), self.retry, "intake")
         if not groups:
             return []
         try:
@@ -153,6 +166,9 @@ class LiveIntake:
         stored = (await self.store.store_inbound(messages, self.first_due, stamp=True)
                   if messages
                   else [])
+        receipts = [p.receipt for p in parsed if isinstance(p, Ignored) and p.receipt]
+        if receipts:  # recorded before the answer: a 200 means the outbox knows
+            await self.store.record_receipts(receipts)
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
         return Accepted(tuple(stored), finished_parts, invalid)

@@ -52,6 +52,8 @@ class OutcomeSink:
     actions: Counter[str] = attrs.field(factory=Counter)
     per_instance: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     escalations: Counter[str] = attrs.field(factory=Counter)
+    #: status webhooks by (instance, status): a reply WhatsApp refused shows as "failed"
+    receipts: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     invalid: list[str] = attrs.field(factory=list)  # the first few, as "file:line: reason"
     total: int = 0
     lines: list[Any] = attrs.field(factory=list)  # for tests that parse what was written
@@ -71,6 +73,8 @@ class OutcomeSink:
             self.per_instance[(outcome.instance, outcome.action)] += 1
         if outcome.action == "escalated" and outcome.reason:
             self.escalations[outcome.reason] += 1
+        if outcome.receipt:
+            self.receipts[(outcome.instance or "", outcome.receipt)] += 1
         if outcome.action == "invalid" and len(self.invalid) < _EXAMPLES:
             self.invalid.append(f"{outcome.origin}: {outcome.reason}")
         if self.out is None:

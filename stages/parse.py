@@ -391,12 +391,14 @@ def _cloud_status(event: RawEvent, status: _Node, instance: str) -> Ignored:
     return attrs.evolve(_ignored(event, reason, instance, message_id), receipt=receipt)
 
 
-def _cloud_error(errors: _Node) -> str:
+def _cloud_error(errors: _Node) -> str | None:
     """``131047 outside the 24-hour window: … (Re-engagement message)``: code and title of
     the first error, lenient (a receipt is never invalid for its error's shape)."""
     items = errors.value if isinstance(errors.value, list) else []
     first = items[0] if items and isinstance(items[0], dict) else {}
     code, title = first.get("code"), first.get("title")
+    if code is None and not title:
+        return None
     label = str(code) if isinstance(code, int | str) else "unknown error"
     if isinstance(code, int) and code in KNOWN_ERRORS:
         label += f" {KNOWN_ERRORS[code]}"

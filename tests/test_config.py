@@ -132,7 +132,7 @@ def test_schema_defaults() -> None:
     assert cfg.dedupe.content_window_s == 30.0
     assert cfg.context.mode == "claimed"
     assert cfg.escalation.keywords[:2] == ("human", "agent")
-    assert cfg.dispatch.transport == "dry" and cfg.dispatch.backoff_max_s == 60.0
+    assert cfg.dispatch.transport == "dry" and cfg.dispatch.backoff_max_s == 300.0
     assert cfg.responders == {"rules": ResponderConfig()}
     assert cfg.instances == (InstanceConfig(name="demo", phone_number_id="1122334455667",
                                             evolution_instance="demo"),)

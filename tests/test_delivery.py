@@ -241,7 +241,8 @@ async def test_cloud_api_messages(receiver: Receiver, outbox: OutboxStore,
     assert hit.path == "/v21.0/1122334455/messages"
     assert hit.headers["authorization"] == f"Bearer {API_KEY}"
     assert json.loads(hit.body) == {"messaging_product": "whatsapp", "to": "5511999",
-                                    "type": "text", "text": {"body": "text of t1:handover"}}
+                                    "type": "text", "text": {"body": "text of t1:handover"},
+                                    "biz_opaque_callback_data": "t1:handover"}
     assert row_state(conninfo, "t1:handover") == ("delivered", 1, True, None)
 
 
@@ -294,7 +295,9 @@ async def test_retry_then_success(receiver: Receiver, outbox: OutboxStore,
         await until(lambda: run.stats.delivered == 1)
     assert [h.answered.status for h in receiver.hits] == [500, 502, 201]
     assert attrs.asdict(run.stats) == {"delivered": 1, "retried": 2, "dead": 0, "db_errors": 0,
-                                       "unrecorded": 0, "in_flight": 0, "peak_in_flight": 1}
+                                       "unrecorded": 0, "in_flight": 0, "peak_in_flight": 1,
+                                       "reconciled": 0, "awaiting_echo": 0,
+                                       "resent_in_doubt": 0}
     assert row_state(conninfo, "t1:reply") == ("delivered", 3, True, None)
 
 
