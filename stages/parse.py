@@ -552,7 +552,10 @@ def _evolution_echo(event: RawEvent, data: _Node, key: _Node, instance: str) -> 
     phone): what was sent to whom, so that a send whose answer was lost is recognised."""
     message_id = _opt_id(key.get("id"))
     ignored = _ignored(event, "own message (fromMe)", instance, message_id)
-    number, _, domain = str(key.get("remoteJid").value or "").partition("@")
+    jid = str(key.get("remoteJid").value or "")
+    number, _, domain = jid.rpartition("@")
+    if domain == "lid":  # replies to a person known only by the privacy id go to it whole
+        number, domain = jid, "s.whatsapp.net"
     message = data.get("message").value
     text = None
     if isinstance(message, dict):
