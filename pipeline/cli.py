@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import io
+import json
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -89,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     esc.add_argument("--instance", help="list only this instance's")
     esc.add_argument("--by", default="cli", help="who resolved it (recorded)")
     esc.set_defaults(func=_cmd_escalations)
+    dl = sub.add_parser("deadletters", parents=[cfg],
+                        help="what could not be understood or delivered: list, show, send "
+                        "again, put aside")
+    dl.add_argument("action", choices=("list", "show", "retry", "discard"))
+    dl.add_argument("id", nargs="?", type=int, help="the dead letter (see list)")
+    dl.add_argument("--all", action="store_true", help="list retried and discarded ones too")
+    dl.add_argument("--by", default="cli", help="who retried or discarded it (recorded)")
+    dl.set_defaults(func=_cmd_deadletters)
     sub.add_parser("bench", add_help=False,
                    help="the full-pipeline benchmark (scripts/bench.py; --help for its options)")
     db = sub.add_parser("db", parents=[cfg], help="the embedded database")
@@ -395,6 +404,42 @@ def _cmd_escalations(args: argparse.Namespace, cfg: Config) -> int:
                 return EXIT_OK
             print(f"no open escalation {args.id}", file=sys.stderr)
             return EXIT_FAILED
+
+    return int(trio.run(main))
+
+
+def _cmd_deadletters(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.deadletters import MEANING, DeadLetters
+
+    if args.action != "list" and args.id is None:
+        print(f"pipeline deadletters {args.action}: give the id of the dead letter (see list)",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
+        async with open_store(cfg.database) as store:
+            letters = DeadLetters(store.pool, cfg.database.query_timeout_s)
+            if args.action == "list":
+                rows = await letters.list(every=args.all)
+                for d in rows:
+                    print(f"{d.id}\t{d.stage}\t{d.status}\t{d.instance or '-'}\t"
+                          f"{d.created_at:%Y-%m-%d %H:%M}\t{d.key or d.origin or '-'}\t"
+                          f"{d.reason}")
+                print(f"{len(rows)} {'in all' if args.all else 'open'}", file=sys.stderr)
+                return EXIT_OK
+            if args.action == "show":
+                letter = await letters.show(args.id)
+                if letter is None:
+                    print(f"no dead letter {args.id}", file=sys.stderr)
+                    return EXIT_FAILED
+                print(json.dumps(letter.whole(), indent=2, ensure_ascii=False, default=str))
+                return EXIT_OK
+            act = letters.retry if args.action == "retry" else letters.discard
+            verdict = await act(args.id, args.by)
+            ok = verdict in ("retried", "discarded")
+            print(f"dead letter {args.id}: {MEANING[verdict]}",
+                  file=sys.stdout if ok else sys.stderr)
+            return EXIT_OK if ok else EXIT_FAILED
 
     return int(trio.run(main))
 

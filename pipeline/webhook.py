@@ -6,8 +6,10 @@ Routes:
 * ``POST /webhook/cloud-api`` -- Cloud API bodies, ``X-Hub-Signature-256`` checked first
 * ``POST /webhook/evolution`` (and ``/webhook/evolution/<event>``) -- Evolution events,
   ``apikey`` checked first (header, or the body's own ``apikey`` field)
-* ``GET  /escalations`` and ``POST /escalations/<id>/resolve`` -- operators, with
-  ``Authorization: Bearer <webhook.resolve_token>`` (off while the token is empty)
+* ``GET  /escalations`` and ``POST /escalations/<id>/resolve``; ``GET /deadletters``,
+  ``GET /deadletters/<id>``, ``POST /deadletters/<id>/retry`` and ``/discard`` --
+  operators, with ``Authorization: Bearer <webhook.resolve_token>`` (off while the token
+  is empty)
 * ``GET  /healthz`` -- alive (answers as long as the process runs)
 * ``GET  /readyz`` -- 200 when the database answers, its migrations are current and the
   process is not shutting down; 503 with the problems otherwise
@@ -42,6 +44,7 @@ from loguru import logger
 
 from pipeline.config import WebhookConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
+from pipeline.deadletters import MEANING, DeadLetters
 from pipeline.metrics import StageMetrics
 from pipeline.prometheus import CONTENT_TYPE, Exporter
 from pipeline.recorded_log import LogRecorder
@@ -137,6 +140,8 @@ class WebhookApp:
                             (("content-type", CONTENT_TYPE),))
         if path == "/escalations" or path.startswith("/escalations/"):
             return await self._escalations(method, path, _headers(scope))
+        if path == "/deadletters" or path.startswith("/deadletters/"):
+            return await self._operator(method, path, _headers(scope), self._deadletters)
         if path == "/webhook/cloud-api" and method == "GET":
             return verification(scope.get("query_string", b"").decode("latin-1"),
                                  self.cfg.verify_token)
@@ -229,15 +234,49 @@ class WebhookApp:
             "cannot record intake (the message is stored and goes on): {} "
             "[{} record_dir errors so far]", reason, self.stats.counters["record_dir errors"])
 
-    async def _escalations(self, method: str, path: str, headers: dict[str, str]) -> Response:
+    async def _operator(self, method: str, path: str, headers: dict[str, str],
+                        then: Callable[[str, str], Awaitable[Response]]) -> Response:
+        """The operators' endpoints: off without ``resolve_token``, else its bearer token."""
         token = self.cfg.resolve_token
         if not token:
-            return Response(404, {"error": "escalation endpoints are off: set "
+            return Response(404, {"error": "operator endpoints are off: set "
                                   "[webhook] resolve_token to enable them"})
         given = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not apikey_ok(given, token):
             return Response(401, {"error": "authorization: Bearer <resolve_token> required"},
                             (("www-authenticate", "Bearer"),))
+        return await then(method, path)
+
+    async def _deadletters(self, method: str, path: str) -> Response:
+        """``GET /deadletters[?all]``, ``GET /deadletters/<id>``, ``POST
+        /deadletters/<id>/retry`` and ``/discard`` (pipeline/deadletters.py)."""
+        store = self.intake.store
+        letters = DeadLetters(store.pool, store.query_timeout_s)
+        parts = path.split("/")
+        try:
+            if method == "GET" and path == "/deadletters":
+                return Response(200, {"dead_letters": [d.summary() for d in await letters.list()]})
+            if method == "GET" and len(parts) == 3 and parts[2].isdigit():
+                letter = await letters.show(int(parts[2]))
+                return (Response(200, letter.whole()) if letter else
+                        Response(404, {"error": f"no dead letter {parts[2]}"}))
+            if method == "POST" and len(parts) == 4 and parts[2].isdigit() \
+                    and parts[3] in ("retry", "discard"):
+                act = letters.retry if parts[3] == "retry" else letters.discard
+                verdict = await act(int(parts[2]), "http")
+                status = {"retried": 200, "discarded": 200, "missing": 404}.get(verdict, 409)
+                return Response(status, {"id": int(parts[2]), "result": verdict,
+                                         "meaning": MEANING[verdict]})
+        except DatabaseError as exc:
+            logger.bind(stage="webhook").warning("dead letters endpoint: {}", exc)
+            return Response(503, {"error": "database unavailable, retry later"},
+                            (("retry-after", str(RETRY_AFTER_S)),))
+        return Response(404, {"error": f"no such endpoint: {method} {path}"})
+
+    async def _escalations(self, method: str, path: str, headers: dict[str, str]) -> Response:
+        return await self._operator(method, path, headers, self._resolve)
+
+    async def _resolve(self, method: str, path: str) -> Response:
         store = self.intake.store
         parts = path.split("/")
         try:
