@@ -346,6 +346,10 @@ class DispatchConfig:
     reconcile_s: float = setting(30.0, "a send whose outcome is unknown (its process died, "
                                  "its answer was lost) waits this long for the channel's "
                                  "echo before it is sent again", ge=0)
+    per_number_per_s: float = setting(80.0, "sends per second per business number, in one "
+                                      "process (WhatsApp's default throughput)", gt=0)
+    per_recipient_gap_s: float = setting(1.0, "least time between two sends to the same "
+                                         "user (WhatsApp refuses bursts: 131056)", ge=0)
     concurrency: int = setting(16, "deliveries in flight at once (one per conversation)", ge=1)
     poll_interval_s: float = setting(1.0, "how often the outbox is checked for rows due "
                                      "(new rows wake the delivery task at once)", gt=0)
@@ -378,6 +382,10 @@ class InstanceConfig:
     api_key: str = setting("", "its Evolution apikey / Cloud API bearer token; \"\" = "
                            "[dispatch] api_key", secret=True,
                            env="PIPELINE_INSTANCE_{name}_API_KEY")
+    template: str = setting("", "Cloud API: the approved template sent instead of a reply "
+                            "due more than 24 h after the user's last message; \"\" = such a "
+                            "reply is refused (a dead letter saying why)")
+    template_language: str = setting("en_US", "the template's language code", nonempty=True)
 
     def channel(self, dispatch: DispatchConfig) -> Channel:
         """How this number's replies go out: its own settings, else ``[dispatch]``'s."""

@@ -46,6 +46,7 @@ from pipeline.concurrency import Backoff, with_retry
 from pipeline.config import Config, DispatchConfig, InstanceConfig
 from pipeline.db import DatabaseError
 from pipeline.outbox import OutboxRow, OutboxStore
+from pipeline.pacing import Pacer
 from pipeline.transports import Sender, SendResult
 
 if TYPE_CHECKING:
@@ -154,9 +155,11 @@ class _Delivery:
     retries_due: list[float] = attrs.field(factory=list, init=False)  # heap of trio times
     shielded_budget: float = attrs.field(default=math.inf, init=False)
     shields: set[trio.CancelScope] = attrs.field(factory=set, init=False)
+    pacer: Pacer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.policy = backoff_policy(self.dispatch)
+        self.pacer = Pacer(self.dispatch.per_number_per_s, self.dispatch.per_recipient_gap_s)
 
     @property
     def lease_s(self) -> float:
@@ -234,6 +237,7 @@ class _Delivery:
                     if await self._reconcile(row):
                         return
             try:
+                await self._pace(row)
                 result = await self.sender.send(row)
             except trio.Cancelled:
                 with self._shielded(self.last_statement_s):
@@ -248,6 +252,16 @@ class _Delivery:
             self.lanes.discard(row.lane)
             self.stats.in_flight -= 1
             self.wake.notify()
+
+    async def _pace(self, row: OutboxRow) -> None:
+        """Wait for the number's throughput and the user's gap (messages to users only)."""
+        instance = self.sender.instances.get(row.instance)
+        if not row.to_user or instance is None:
+            return
+        if instance.channel(self.dispatch).transport == "dry":
+            return
+        at = self.pacer.reserve(row.instance, row.target, trio.current_time())
+        await trio.sleep_until(at)
 
     async def _reconcile(self, row: OutboxRow) -> bool:
         """A send of ``row`` may have landed (its process died mid-send, its answer was

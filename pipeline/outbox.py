@@ -47,6 +47,8 @@ class OutboxRow:
     #: what the channel said of it meanwhile: its id for the message, its latest status
     provider_id: str | None = None
     receipt: str | None = None
+    #: seconds since the user's last message (the 24-hour window); None: not known
+    inbound_age_s: float | None = None
 
     @property
     def to_user(self) -> bool:
@@ -202,7 +204,9 @@ WHERE outbox.id = due.id AND outbox.status = 'pending'
   AND outbox.next_attempt_at <= coalesce(%(now)s::timestamptz, now())
 RETURNING outbox.id, outbox.idempotency_key, outbox.kind, outbox.instance,
           outbox.conversation_id, outbox.target, outbox.payload, outbox.attempts,
-          extract(epoch FROM now() - due.doubt)::float8, outbox.provider_id, outbox.receipt
+          extract(epoch FROM now() - due.doubt)::float8, outbox.provider_id, outbox.receipt,
+          (SELECT extract(epoch FROM now() - c.last_message_at)::float8 FROM conversations c
+            WHERE c.id = outbox.conversation_id)
 """.replace("{lane_o}", _LANE.format(t="o")).replace("{lane_p}", _LANE.format(t="p"))
 
 _MARK_DEAD = """

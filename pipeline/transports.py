@@ -114,6 +114,33 @@ def webhook_request(row: OutboxRow, instance: InstanceConfig) -> HttpRequest:
     return HttpRequest(row.target, headers, body)
 
 
+#: WhatsApp's customer-service window: free-form messages only this long after the user's last
+WINDOW_S = 24 * 3600.0
+
+Window = Literal["free-form", "template", "refused"]
+
+
+def window(row: OutboxRow, channel: Channel, instance: InstanceConfig) -> Window:
+    """What the 24-hour window allows (Cloud API): a message to a user whose last message is
+    older goes out as the instance's template, or not at all -- a free-form one would be
+    accepted and then fail with 131047. Evolution (WhatsApp Web) has no such window."""
+    if (channel.transport != "cloud-api" or not row.to_user or row.inbound_age_s is None
+            or row.inbound_age_s < WINDOW_S):
+        return "free-form"
+    return "template" if instance.template else "refused"
+
+
+def cloud_template_request(row: OutboxRow, channel: Channel,
+                           instance: InstanceConfig) -> HttpRequest:
+    """The instance's approved template, instead of a free-form message outside the window."""
+    request = cloud_request(row, channel, instance)
+    body = json.loads(request.body)
+    del body["text"]
+    body.update(type="template", template={"name": instance.template,
+                                           "language": {"code": instance.template_language}})
+    return attrs.evolve(request, body=_json_bytes(body))
+
+
 def build_request(row: OutboxRow, channel: Channel, instance: InstanceConfig) -> HttpRequest:
     """The request for ``row`` on the instance's ``channel`` (``dry`` sends nothing)."""
     if row.kind == "webhook":
@@ -121,6 +148,8 @@ def build_request(row: OutboxRow, channel: Channel, instance: InstanceConfig) ->
     if channel.transport == "evolution":
         return evolution_request(row, channel, instance)
     if channel.transport == "cloud-api":
+        if window(row, channel, instance) == "template":
+            return cloud_template_request(row, channel, instance)
         return cloud_request(row, channel, instance)
     raise UnsendableRow(f"transport {channel.transport!r} sends nothing")
 
@@ -148,9 +177,25 @@ def classify(status: int, headers: Mapping[str, str], body: str,
     detail = f"http {status}: {excerpt}" if excerpt else f"http {status}"
     wait = (retry_after(headers.get("retry-after"), retry_after_cap_s)
             if status in _RETRY_AFTER_STATUS else None)
-    if status >= 500 or status in _RETRYABLE_STATUS:
+    if status >= 500 or status in _RETRYABLE_STATUS or cloud_error_code(body) in _SLOW_DOWN:
         return SendResult("retry", detail, status, wait)
     return SendResult("final", detail, status)
+
+
+#: Cloud API errors that mean "later": the number's throughput (130429), too many messages to
+#: one user in a short time (131056)
+_SLOW_DOWN = frozenset({130429, 131056})
+
+
+def cloud_error_code(body: str) -> int | None:
+    """The ``error.code`` of a Cloud API error answer, if it is one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, int) else None
 
 
 def sent_id(body: str) -> str | None:
@@ -196,6 +241,11 @@ class Sender:
         channel = instance.channel(self.dispatch)
         if channel.transport == "dry":
             return SendResult("delivered", "dry transport: recorded, not sent")
+        if window(row, channel, instance) == "refused":
+            hours = (row.inbound_age_s or 0) / 3600
+            return SendResult("final", f"outside the 24-hour window: the user last wrote "
+                              f"{hours:.1f} h ago and [[instances]] {instance.name} has no "
+                              "template; a free-form message would fail with 131047")
         try:
             request = build_request(row, channel, instance)
         except UnsendableRow as exc:

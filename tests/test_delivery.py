@@ -174,7 +174,7 @@ def make_config(url: str, **dispatch: Any) -> Config:
     settings: dict[str, Any] = {
         "transport": "evolution", "base_url": url, "api_key": API_KEY, "max_attempts": 5,
         "backoff_initial_s": 0.02, "backoff_max_s": 0.1, "timeout_s": 0.5, "concurrency": 4,
-        "poll_interval_s": 0.05}
+        "poll_interval_s": 0.05, "per_recipient_gap_s": 0.0}
     settings.update(dispatch)
     instance = InstanceConfig(name="acme", phone_number_id="1122334455",
                               evolution_instance="acme-evo", webhook_secret=SECRET)
