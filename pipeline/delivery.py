@@ -170,10 +170,14 @@ class _Delivery:
         """What shielded work gets once the task is cancelled: one statement, at most."""
         return min(self.grace_s, self.outbox.query_timeout_s)
 
-    async def loop(self, stopping: trio.Event, sends: trio.Nursery) -> None:
-        while not stopping.is_set():
+    async def loop(self, stopping: trio.Event, sends: trio.Nursery, drain: bool = False) -> None:
+        """Claim and send until ``stopping``; with ``drain`` (a finite run whose turns are
+        done) go on until nothing due is left, so that its replies are all sent."""
+        while not stopping.is_set() or drain:
             self.wake.clear()
-            await self._claim(sends)
+            claimed = await self._claim(sends)
+            if stopping.is_set() and not claimed and not self.lanes:
+                return
             await self.wake.wait(self._until_next_look())
 
     async def watch_shutdown(self, stopping: trio.Event) -> None:
@@ -215,20 +219,21 @@ class _Delivery:
         soonest = self.retries_due[0] - now if self.retries_due else math.inf
         return min(self.dispatch.poll_interval_s, soonest)
 
-    async def _claim(self, sends: trio.Nursery) -> None:
+    async def _claim(self, sends: trio.Nursery) -> int:
         free = self.dispatch.concurrency - len(self.lanes)
         if free < 1:
-            return
+            return 0
         try:
             rows = await self.outbox.claim(free, busy=self.lanes, lease_s=self.lease_s)
         except DatabaseError as exc:
             self.stats.db_errors += 1
             logger.bind(stage="delivery").error("cannot claim outbox rows: {}", exc)
-            return
+            return 0
         for row in rows:
             self.lanes.add(row.lane)
             self.stats.started()
             sends.start_soon(self._deliver, row, name=f"deliver {row.idempotency_key}")
+        return len(rows)
 
     async def _deliver(self, row: OutboxRow) -> None:
         try:
@@ -354,7 +359,7 @@ def instances_by_name(cfg: Config) -> Mapping[str, InstanceConfig]:
 
 async def run_delivery(cfg: Config, outbox: OutboxStore, *, wake: Notifier,
                        stopping: trio.Event, stats: DeliveryStats | None = None,
-                       rng: random.Random | None = None,
+                       rng: random.Random | None = None, drain: bool = False,
                        task_status: trio.TaskStatus[DeliveryStats] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Deliver outbox rows until ``stopping`` is set, then finish the sends in flight (each
@@ -375,5 +380,5 @@ async def run_delivery(cfg: Config, outbox: OutboxStore, *, wake: Notifier,
             watchers.start_soon(delivery.watch_shutdown, stopping)
             async with trio.open_nursery() as sends:
                 task_status.started(stats)
-                await delivery.loop(stopping, sends)
+                await delivery.loop(stopping, sends, drain)
         watchers.cancel_scope.cancel()

@@ -154,7 +154,8 @@ class Pipeline:
             if "delivery" in self.roles and not all(dry_instances(self.cfg).values()):
                 outbox = OutboxStore(self.store.pool, self.cfg.database.query_timeout_s)
                 await outer.start(partial(run_delivery, self.cfg, outbox, wake=self.wake,
-                                          stopping=stop_delivery, stats=self.deliveries))
+                                          stopping=stop_delivery, stats=self.deliveries,
+                                          drain=self.finite))
             if not self.finite and self.roles & {"delivery", "turns"}:
                 retention = RetentionStore(self.store.pool, self.cfg.database.query_timeout_s)
                 await outer.start(partial(run_retention, self.cfg.retention, retention,
@@ -220,7 +221,8 @@ class Pipeline:
 
         intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY,
                         rules.first_due, stored,
-                        watermark.advance if watermark is not None else lambda latest: None)
+                        watermark.advance if watermark is not None else lambda latest: None,
+                        receipts=not all(dry_instances(cfg).values()))
         def intake_ended() -> None:
             intake_done.set()
             if watermark is not None:

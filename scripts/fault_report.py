@@ -30,11 +30,13 @@ sys.path.insert(0, str(ROOT))
 from pipeline.pgcluster import Cluster  # noqa: E402
 
 
-def scenarios() -> ModuleType:
+def scenarios(name: str = "test_faults") -> ModuleType:
     """tests/test_faults.py (the tests folder is not a package; its helpers, e.g.
     tests/asgi.py, are imported as top-level modules, as pytest's rootdir does)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    spec = importlib.util.spec_from_file_location("test_faults", ROOT / "tests" / "test_faults.py")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -61,6 +63,28 @@ def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list
                      f"{r.recovered} conversations of killed processes taken over at the "
                      f"{r.starts} starts; "
                      f"final SIGTERM: exit {r.exit_code}; {len(t.problems)} problems"))
+    return rows
+
+
+def send_crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
+    """tests/test_send_crash.py: SIGKILLs while replies go to a fake Evolution that echoes."""
+    sends = scenarios("test_send_crash")
+    rows: list[Row] = []
+    for seed in seeds:
+        db = f.fresh_database(pg, "sendcrash")
+        folder = work / f"sendcrash-{seed}"
+        folder.mkdir()
+        try:
+            r = trio.run(sends.send_crash_scenario, pg, db, folder, seed)
+        finally:
+            f.drop_database(pg, db)
+        doubled = sum((r.sends - r.delivered).values())
+        lost = sum((r.delivered - r.sends).values()) + sum(r.other_rows.values())
+        rows.append((f"SIGKILL between send and record, replies to an echoing Evolution "
+                     f"(seed {seed})", f"{sum(r.delivered.values())} replies", lost, doubled,
+                     f"{r.kills} kills; sends received {sum(r.sends.values())} = delivered "
+                     f"rows {sum(r.delivered.values())}; {r.reconciled} sends in doubt "
+                     f"recognised by their echo, {r.resent} sent again after no echo"))
     return rows
 
 
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                         help="seeds of the SIGKILL scenario (default: 1 2 3)")
-    kinds = ("crash", "outage", "deps", "sigterm", "lost")
+    kinds = ("crash", "sends", "outage", "deps", "sigterm", "lost")
     parser.add_argument("--only", nargs="+", choices=kinds, default=list(kinds))
     args = parser.parse_args(argv)
     f = scenarios()
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         f.make_template(pg)
         if "crash" in args.only:
             rows += crash_rows(f, pg, work, args.seeds)
+        if "sends" in args.only:
+            rows += send_crash_rows(f, pg, work, args.seeds)
         if "outage" in args.only:
             rows += outage_rows(f, work)
         if "deps" in args.only:

@@ -64,6 +64,9 @@ class Intake:
     stored: Callable[[dt.datetime], None] = lambda due: None
     #: told the latest ``received_at`` of each batch once it is in the inbox (event time)
     seen: Callable[[dt.datetime], None] = lambda latest: None
+    #: apply receipts to the outbox (off when every channel is dry: nothing was sent, and a
+    #: replay's statements stay the same whatever the batching)
+    receipts: bool = True
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         groups: list[tuple[RawEvent, list[InboundMessage]]] = []
@@ -78,7 +81,7 @@ class Intake:
             if messages:
                 assert isinstance(event, RawEvent)
                 groups.append((event, messages))
-        if receipts:
+        if receipts and self.receipts:
             await with_retry(lambda: self.store.record_receipts(receipts), self.retry, "intake")
         if not groups:
             return []
