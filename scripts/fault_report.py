@@ -80,7 +80,8 @@ def send_crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) ->
             f.drop_database(pg, db)
         doubled = sum((r.sends - r.delivered).values())
         lost = sum((r.delivered - r.sends).values()) + sum(r.other_rows.values())
-        rows.append((f"SIGKILL between send and record, replies to an echoing Evolution "
+        rows.append((f"SIGKILL between send and record, replies to echoing Cloud API and "
+                     f"Evolution fakes "
                      f"(seed {seed})", f"{sum(r.delivered.values())} replies", lost, doubled,
                      f"{r.kills} kills; sends received {sum(r.sends.values())} = delivered "
                      f"rows {sum(r.delivered.values())}; {r.reconciled} sends in doubt "
