@@ -229,7 +229,9 @@ class Store:
         number of receipts that found a row. A receipt finds its row by our key (the Cloud
         API's ``biz_opaque_callback_data``), by the channel's id for the message, or -- an
         Evolution echo -- as the send in doubt to that number with that text. A status
-        never goes back (``read`` stays when a late ``sent`` arrives)."""
+        never goes back (``read`` stays when a late ``sent`` arrives). A message to a user
+        that WhatsApp refused (``failed``, e.g. 131047 outside the 24-hour window) opens an
+        escalation of its conversation: the assistant holds, a human follows up."""
         if not receipts:
             return 0
         (found,), = await self._all(_RECORD_RECEIPTS, {
@@ -894,7 +896,14 @@ WITH r AS (
         receipt = CASE WHEN {rank_b} > coalesce({rank_o}, 0) THEN b.status ELSE o.receipt END,
         receipt_error = coalesce(b.err, o.receipt_error), receipt_at = now()
     FROM best b WHERE o.id = b.row_id
-    RETURNING o.id
+    RETURNING o.id, o.conversation_id, o.kind, b.status, b.err
+), refused AS (  -- a message WhatsApp refused: a human has to reach the user another way
+    INSERT INTO escalations (conversation_id, reason)
+    SELECT DISTINCT ON (u.conversation_id) u.conversation_id,
+           'a reply could not be delivered: ' || coalesce(u.err, 'failed')
+    FROM upd u WHERE u.status = 'failed' AND u.conversation_id IS NOT NULL
+      AND u.kind <> 'webhook'
+    ON CONFLICT (conversation_id) WHERE status = 'open' DO NOTHING
 )
 SELECT count(*) FROM m WHERE row_id IS NOT NULL
 """.replace("{rank_b}", _RANK.format("b.status")).replace("{rank_o}", _RANK.format("o.receipt")) \

@@ -42,6 +42,11 @@ async def test_statuses_find_their_row_and_never_go_back(store: Store, conninfo:
     assert receipt_of(conninfo, "t2:reply") == (
         "pending", "wamid.2", "failed",
         "131047 outside the 24-hour window: only a template can be sent", False)
+    # a refused reply hands the conversation to a human
+    assert sql(conninfo, "SELECT conversation_id, reason FROM escalations"
+                         " WHERE status = 'open'") == [
+        (conv, "a reply could not be delivered: 131047 outside the 24-hour window: only a "
+               "template can be sent")]
     # several statuses of one message in one body: the furthest wins
     assert await store.record_receipts([Receipt("acme", "wamid.2", "delivered"),
                                         Receipt("acme", "wamid.2", "sent")]) == 2
