@@ -330,6 +330,7 @@ class Claimer:
             failures = 0
             now = batch.now
             self.metrics.counters["claims"] += len(batch.claims)
+            self.metrics.counters["lease expiries"] += sum(c.expired for c in batch.claims)
             for claimed in batch.claims:
                 await self._take(claimed, now, nursery)
             if len(batch.claims) >= free:

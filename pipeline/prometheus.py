@@ -42,6 +42,8 @@ TURN_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 #: Metrics counters exported as ``pipeline_<name>_total``
 COUNTERS = {"claims": "conversations claimed", "claims lost": "commits refused: lease lost",
             "leases lost": "leases found taken over at renewal",
+            "lease expiries": "conversations claimed after their lease expired (a process "
+                              "died or stalled)",
             "failed turns": "turns that failed and were given back",
             "lease renewals": "lease renewal statements"}
 

@@ -81,6 +81,8 @@ class Claimed:
     rows: tuple[tuple[int, InboundMessage], ...]
     recent: tuple[tuple[dt.datetime, str], ...]
     context: TurnContext | None = None  # when the claim loaded it
+    #: taken over from a lease that had expired (its process died or stalled)
+    expired: bool = False
 
 
 @attrs.frozen
@@ -556,6 +558,7 @@ def _claimed(data: dict[str, Any]) -> Claimed:
                      for r in data["recent"] or ()),
         context=(_context(int(data["conv"]), *data["ctx"]) if data.get("ctx") is not None
                  else None),
+        expired=bool(data.get("expired")),
     )
 
 
@@ -718,7 +721,7 @@ FROM input JOIN conv ON conv.instance = input.instance AND conv.sender = input.s
 _CLAIM = """
 WITH clock AS (SELECT coalesce(%(now)b::timestamptz, clock_timestamp()) AS now),
 cand AS (
-    SELECT id, instance, sender FROM conversations
+    SELECT id, instance, sender, lease_until IS NOT NULL AS expired FROM conversations
     WHERE due_at <= (SELECT now FROM clock) AND (lease_until IS NULL OR lease_until < now())
       AND id <> ALL (%(held)b::bigint[])
     ORDER BY due_at, id LIMIT %(limit)b
@@ -751,8 +754,8 @@ cand AS (
 ), claimed AS (
     UPDATE conversations c SET lease_owner = %(owner)b, lease_token = nextval('lease_tokens'),
                                lease_until = now() + %(lease)b
-    FROM decided d WHERE c.id = d.conv AND d.ready
-    RETURNING c.id, c.instance, c.sender, c.lease_token, c.attempts, d.first_at
+    FROM decided d JOIN cand e ON e.id = d.conv WHERE c.id = d.conv AND d.ready
+    RETURNING c.id, c.instance, c.sender, c.lease_token, c.attempts, d.first_at, e.expired
 ), later AS (
     UPDATE conversations c SET due_at = d.deadline + interval '1 millisecond'
     FROM decided d WHERE c.id = d.conv AND NOT d.ready
@@ -765,6 +768,7 @@ cand AS (
 SELECT
     (SELECT json_agg(json_build_object(
         'conv', cl.id, 'token', cl.lease_token, 'attempts', cl.attempts,
+        'expired', cl.expired,
         'ctx', CASE WHEN %(ctx)b THEN json_build_array(""" \
     + _HISTORY_OF.format(conv="cl.id", turn="''") + """,
             (SELECT settings ->> 'webhook_url' FROM instances WHERE name = cl.instance),""" \

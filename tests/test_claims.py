@@ -292,6 +292,18 @@ async def test_a_commit_after_its_lease_was_taken_over_writes_nothing(
     assert sql(conninfo, "SELECT status FROM inbox") == [("pending",)]
 
 
+async def test_a_claim_says_when_it_took_an_expired_lease(store: Store, conninfo: str) -> None:
+    """The lease expiries of /metrics: a claim tells a fresh conversation from one whose
+    lease had run out."""
+    await _seed(store, conninfo, message("a", "m1", 0, "hello"))
+    later = BASE + dt.timedelta(seconds=60)
+    rules = burst_rules(config())
+    [fresh] = (await store.claim(ClaimRequest("test", later, 1, 30.0, rules))).claims
+    sql(conninfo, "UPDATE conversations SET lease_until = now() - interval '1 s'")
+    [taken] = (await store.claim(ClaimRequest("other", later, 1, 30.0, rules))).claims
+    assert (fresh.expired, taken.expired) == (False, True)
+
+
 async def test_a_turn_whose_rows_were_answered_meanwhile_fails_loudly(
     store: Store, conninfo: str,
 ) -> None:
