@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -46,16 +47,23 @@ def scenarios(name: str = "test_faults") -> ModuleType:
 Row = tuple[str, Any, Any, Any, str]  # fault, acknowledged, lost, doubled, notes
 
 
-def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
-    rows: list[Row] = []
+def per_seed(f: ModuleType, pg: Cluster, work: Path, seeds: list[int], name: str,
+             scenario: Any) -> Iterator[tuple[int, Any]]:
+    """Run ``scenario(pg, db, folder, seed)`` for each seed, each on a fresh database."""
     for seed in seeds:
-        db = f.fresh_database(pg, "crash")
-        folder = work / f"crash-{seed}"
+        db = f.fresh_database(pg, name)
+        folder = work / f"{name}-{seed}"
         folder.mkdir()
         try:
-            r = trio.run(f.crash_scenario, pg, db, folder, seed)
+            result = trio.run(scenario, pg, db, folder, seed)
         finally:
             f.drop_database(pg, db)
+        yield seed, result
+
+
+def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
+    rows: list[Row] = []
+    for seed, r in per_seed(f, pg, work, seeds, "crash", f.crash_scenario):
         t = r.tally
         rows.append((f"SIGKILL at random points, restart (seed {seed})",
                      t.acknowledged, t.lost, t.doubled,
@@ -67,22 +75,16 @@ def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list
 
 
 def send_crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
-    """tests/test_send_crash.py: SIGKILLs while replies go to a fake Evolution that echoes."""
+    """tests/test_send_crash.py: SIGKILLs while replies go to fakes of both channels that
+    echo what they send."""
     sends = scenarios("test_send_crash")
     rows: list[Row] = []
-    for seed in seeds:
-        db = f.fresh_database(pg, "sendcrash")
-        folder = work / f"sendcrash-{seed}"
-        folder.mkdir()
-        try:
-            r = trio.run(sends.send_crash_scenario, pg, db, folder, seed)
-        finally:
-            f.drop_database(pg, db)
+    for seed, r in per_seed(f, pg, work, seeds, "sendcrash", sends.send_crash_scenario):
         doubled = sum((r.sends - r.delivered).values())
         lost = sum((r.delivered - r.sends).values()) + sum(r.other_rows.values())
         rows.append((f"SIGKILL between send and record, replies to echoing Cloud API and "
-                     f"Evolution fakes "
-                     f"(seed {seed})", f"{sum(r.delivered.values())} replies", lost, doubled,
+                     f"Evolution fakes (seed {seed})", f"{sum(r.delivered.values())} replies",
+                     lost, doubled,
                      f"{r.kills} kills; sends received {sum(r.sends.values())} = delivered "
                      f"rows {sum(r.delivered.values())}; {r.reconciled} sends in doubt "
                      f"recognised by their echo, {r.resent} sent again after no echo"))
