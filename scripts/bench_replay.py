@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
+import resource
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -42,7 +45,7 @@ from bench import Server, fresh_database, measure_rtt, prepare_server, routed, t
 
 from pipeline.cli import bundled_day
 from pipeline.config import load_config
-from pipeline.pgcluster import Cluster
+from pipeline.pgcluster import SERVER_USER, Cluster
 from pipeline.replay import ClockChoice, ReplayResult, replay
 
 MODES = {"faithful": ClockChoice(True), "pushed": ClockChoice(False, 100000.0)}
@@ -64,6 +67,9 @@ class Run:
     turns: int
     round_trips: int
     digest: str
+    cpu_ms_per_msg: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
 
     @property
     def rate(self) -> float:
@@ -76,13 +82,37 @@ async def one_run(server: Server, conninfo_of: object, mode: str, log: Path, n: 
         dsn = conninfo_of(name)  # type: ignore[operator]
         cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=dsn))
         out = io.StringIO()
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         result: ReplayResult = await replay(cfg, [log], out=out, clock=MODES[mode],
                                             fresh=False)
+        after = resource.getrusage(resource.RUSAGE_SELF)
     actions = result.sink.actions
     messages = sum(v for k, v in actions.items() if k not in ("ignored", "invalid"))
     turns = actions["replied"] + actions["escalated"] + actions["held"]
+    cpu_s = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
     return Run(mode, messages, result.elapsed_s, turns, result.round_trips,
-               hashlib.sha256(out.getvalue().encode()).hexdigest()[:12])
+               hashlib.sha256(out.getvalue().encode()).hexdigest()[:12],
+               cpu_s * 1000 / max(messages, 1))
+
+
+async def baseline_run(server: Server, route: Any, log: Path, n: int) -> Run:
+    """scripts/bench_baseline.py (asyncio + asyncpg) as its own process, on a fresh database
+    reached the same way."""
+    async with fresh_database(server, f"replay_{os.getpid()}_baseline_{n}") as name:
+        if route.proxy_port is None:
+            dsn = (f"postgresql://{SERVER_USER}@/{name}?host={server.socket_dir}"
+                   f"&port={server.port}")
+        else:
+            dsn = (f"postgresql://{SERVER_USER}@127.0.0.1:{route.proxy_port}/{name}"
+                   "?sslmode=disable")
+        proc = await trio.run_process(
+            [sys.executable, str(Path(__file__).with_name("bench_baseline.py")), "--dsn", dsn,
+             "--log", str(log)], capture_stdout=True, capture_stderr=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"the baseline failed: {proc.stderr.decode()[-2000:]}")
+    r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return Run("baseline", r["messages"], r["seconds"], r["messages"], r["round_trips"], "-",
+               r["cpu_ms_per_msg"], r["p50_ms"], r["p99_ms"])
 
 
 async def bench(args: argparse.Namespace, pg: Cluster) -> list[Run]:
@@ -93,8 +123,11 @@ async def bench(args: argparse.Namespace, pg: Cluster) -> list[Run]:
         print(f"round trip (SELECT 1): {rtt:.2f} ms; fsync {args.fsync}", file=sys.stderr)
         for n in range(args.repeat):
             order = list(MODES) if n % 2 == 0 else list(reversed(MODES))
+            if args.baseline:
+                order.insert(n % 3, "baseline")
             for mode in order:
-                run = await one_run(server, route.conninfo, mode, args.log, n)
+                run = (await baseline_run(server, route, args.log, n) if mode == "baseline"
+                       else await one_run(server, route.conninfo, mode, args.log, n))
                 print(f"  {mode:9} {run.messages} msgs in {run.seconds:.2f} s = "
                       f"{run.rate:,.0f} msgs/s, {run.turns} turns, outcomes {run.digest}",
                       file=sys.stderr)
@@ -102,22 +135,34 @@ async def bench(args: argparse.Namespace, pg: Cluster) -> list[Run]:
     return runs
 
 
+LABELS = {"faithful": "faithful (`--clock event`)", "pushed": "pushed (`--clock 100000x`)",
+          "baseline": "baseline (asyncio + asyncpg, scripts/bench_baseline.py)"}
+
+
 def report(runs: list[Run], args: argparse.Namespace) -> str:
-    rates = {m: statistics.median(r.rate for r in runs if r.mode == m) for m in MODES}
+    modes = [m for m in LABELS if any(r.mode == m for r in runs)]
+    rates = {m: statistics.median(r.rate for r in runs if r.mode == m) for m in modes}
     lines = [f"bundled day ({args.log.name}), {args.delay_ms:g} ms one way, fsync "
              f"{args.fsync}, {args.repeat} runs each (median):", "",
-             "| replay | msgs/s | turns | round trips | distinct outcome files |",
-             "|---|---:|---:|---:|---:|"]
-    for mode in MODES:
+             "| replay | msgs/s | turns | round trips / msg | client CPU ms / msg | "
+             "p50 / p99 ms per msg | distinct outcome files |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for mode in modes:
         mine = [r for r in runs if r.mode == mode]
-        lines.append(f"| {mode} (`--clock {'event' if mode == 'faithful' else '100000x'}`) "
-                     f"| {rates[mode]:,.0f} | {mine[0].turns} | "
-                     f"{statistics.median(r.round_trips for r in mine):,.0f} | "
-                     f"{len({r.digest for r in mine})} |")
+        latency = (f"{statistics.median(r.p50_ms or 0 for r in mine):.1f} / "
+                   f"{statistics.median(r.p99_ms or 0 for r in mine):.1f}"
+                   if mine[0].p50_ms is not None else "-")
+        lines.append(f"| {LABELS[mode]} | {rates[mode]:,.0f} | {mine[0].turns} | "
+                     f"{statistics.median(r.round_trips / r.messages for r in mine):.2f} | "
+                     f"{statistics.median(r.cpu_ms_per_msg for r in mine):.2f} | {latency} | "
+                     f"{len({r.digest for r in mine}) if mode != 'baseline' else '-'} |")
     ratio = rates["faithful"] / rates["pushed"]
     lines += ["", f"faithful / pushed: {ratio:.2f} (target >= 0.90: "
               f"{'met' if ratio >= 0.9 else 'NOT met'}); faithful outcomes identical in all "
               f"{args.repeat} runs: {len({r.digest for r in runs if r.mode == 'faithful'}) == 1}"]
+    if "baseline" in rates:
+        lines.append(f"faithful / baseline: {rates['faithful'] / rates['baseline']:.2f}; "
+                     f"pushed / baseline: {rates['pushed'] / rates['baseline']:.2f}")
     return "\n".join(lines)
 
 
@@ -127,6 +172,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="runs of each mode")
     p.add_argument("--fsync", choices=("on", "off"), default="on")
     p.add_argument("--log", type=Path, default=bundled_day(), help="the log to replay")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the asyncio + asyncpg port (scripts/bench_baseline.py)")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.delay_ms < 0:
         p.error("--repeat must be >= 1 and --delay-ms >= 0")
