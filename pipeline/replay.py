@@ -146,9 +146,8 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     ``report`` collects the charts' data; its times are in recorded seconds. Without
     ``send`` the configured targets are not sent to (the dry transport is used)."""
     choice = clock or ClockChoice(True)
-    not_sent_to: tuple[str, ...] = ()
-    if not send and send_targets(cfg):
-        not_sent_to = tuple(send_targets(cfg))
+    not_sent_to: tuple[str, ...] = () if send else tuple(send_targets(cfg))
+    if not_sent_to:
         cfg = dry(cfg)
     sink = OutcomeSink(out)
     count = 0

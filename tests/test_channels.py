@@ -4,12 +4,12 @@ and on Evolution answers each through its own API, base URL and key (local fake 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import attrs
 from test_replay import config_on
 from test_replay_http import CountingServer, serving
+from test_replay_logs import shifted, time_of, write_log
 
 from pipeline.cli import sample_log
 from pipeline.pgcluster import Cluster
@@ -19,25 +19,10 @@ from pipeline.replay import replay
 def recent_sample(tmp_path: Path) -> Path:
     """The sample log moved to end now: its users wrote within the 24-hour window."""
     lines = sample_log().read_text("utf-8").splitlines()
-    times = [time_of(line) for line in lines]
-    shift = dt.datetime.now(dt.UTC) - max(t for t in times if t is not None)
-    out = []
-    for line, at in zip(lines, times, strict=True):
-        if at is not None:
-            record = json.loads(line)
-            record["received_at"] = (at + shift).isoformat()
-            line = json.dumps(record, ensure_ascii=False)
-        out.append(line)
-    path = tmp_path / "recent.jsonl"
-    path.write_text("\n".join(out) + "\n", "utf-8")
-    return path
-
-
-def time_of(line: str) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(json.loads(line)["received_at"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    shift = dt.datetime.now(dt.UTC) - max(time_of(line) for line in lines)
+    return write_log(tmp_path / "recent.jsonl",
+                     [shifted(line, shift) if time_of(line).year > 1 else line
+                      for line in lines])
 
 
 async def test_a_mixed_deployment_replies_through_each_numbers_api(cluster: Cluster,
