@@ -195,6 +195,25 @@ class WebhookConfig:
 
 
 @attrs.frozen
+class ConsoleConfig:
+    """``[console]``: the agents' web page at ``/console`` on the webhook server
+    (``pipeline/console/``): open escalations, conversations, replies, notes, hand-back."""
+
+    token: str = setting("", "what agents sign in with (and `Authorization: Bearer` for "
+                         "scripts); \"\" = the console is off", secret=True,
+                         env="PIPELINE_CONSOLE_TOKEN")
+    allow_remote: bool = setting(False, "answer clients that are not on this machine "
+                                 "(loopback only by default; put TLS in front first)")
+    session_hours: float = setting(12.0, "how long a sign-in lasts", gt=0)
+    refresh_s: float = setting(5.0, "how often the queue and an open conversation refresh "
+                               "themselves", gt=0)
+    history_limit: int = setting(200, "latest entries shown of a conversation", ge=1)
+    hold_on_phone_reply: bool = setting(True, "a message sent from the business phone itself "
+                                        "(not by the pipeline) hands its conversation to "
+                                        "humans: the assistant stays silent until resolved")
+
+
+@attrs.frozen
 class BufferConfig:
     """``[intake.buffer]``: the burst buffer that folds close messages into one turn."""
 
@@ -417,6 +436,7 @@ class Config:
     logging: LoggingConfig = _section(LoggingConfig, "logs")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics")
     webhook: WebhookConfig = _section(WebhookConfig, "the live webhook source")
+    console: ConsoleConfig = _section(ConsoleConfig, "the agents' web console")
     replay: ReplayConfig = _section(ReplayConfig, "reading recorded logs")
     retention: RetentionConfig = _section(RetentionConfig, "deleting old finished rows")
     intake: IntakeConfig = _section(IntakeConfig, "burst buffer and inbox")

@@ -92,9 +92,12 @@ class Inlets:
     done: trio.MemorySendChannel[Outcome]
     stopping: trio.Event
     stored: Callable[[dt.datetime], None] = lambda due: None
+    #: a source wrote outbox rows itself (an agent's reply): wakes this process's delivery
+    queued: Callable[[], None] = lambda: None
 
     def clone(self) -> Inlets:
-        return Inlets(self.raw.clone(), self.done.clone(), self.stopping, self.stored)
+        return Inlets(self.raw.clone(), self.done.clone(), self.stopping, self.stored,
+                      self.queued)
 
     def close(self) -> None:
         for channel in (self.raw, self.done):
@@ -222,7 +225,8 @@ class Pipeline:
         intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY,
                         rules.first_due, stored,
                         watermark.advance if watermark is not None else lambda latest: None,
-                        receipts=not all(dry_instances(cfg).values()))
+                        receipts=not all(dry_instances(cfg).values()),
+                        phone_hold=cfg.console.hold_on_phone_reply)
         def intake_ended() -> None:
             intake_done.set()
             if watermark is not None:
@@ -231,7 +235,7 @@ class Pipeline:
                 claimer.wake.notify()
 
         await nursery.start(_intake, intake, raw_r, done.clone(), m, cap, intake_ended)
-        return Inlets(raw, done, self.stopping, stored)
+        return Inlets(raw, done, self.stopping, stored, self.wake.notify)
 
     async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any,
                                  http: httpx.AsyncClient, claimer: Claimer) -> None:

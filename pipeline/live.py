@@ -16,7 +16,9 @@ import trio
 from loguru import logger
 
 from pipeline.config import Config
-from pipeline.db import open_pool
+from pipeline.console.app import Console
+from pipeline.console.queries import ConsoleStore
+from pipeline.db import Pool, open_pool
 from pipeline.engine import Inlets, Source, burst_rules, instance_directory
 from pipeline.metrics import Metrics
 from pipeline.prometheus import Exporter, problems
@@ -58,7 +60,8 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                     trio.open_nursery() as nursery:
                 acks_store = Store(acks, cfg.database.query_timeout_s)
                 intake = LiveIntake(acks_store, instance_directory(cfg),
-                                    burst_rules(cfg).first_due)
+                                    burst_rules(cfg).first_due,
+                                    phone_hold=cfg.console.hold_on_phone_reply)
                 exporter = Exporter(metrics, sink or OutcomeSink(), acks_store.figures,
                                     store.pool.stats)
                 readiness = partial(problems, acks_store.ping, acks_store.applied_migrations,
@@ -66,7 +69,7 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 app = WebhookApp(cfg.webhook, intake,
                                  partial(_handover, inlets, intake.first_due),
                                  metrics.stage("webhook"), recorder, exporter=exporter,
-                                 readiness=readiness)
+                                 readiness=readiness, console=console(cfg, store.pool, inlets))
                 url = await nursery.start(partial(
                     serve, app, cfg.webhook.host, cfg.webhook.port,
                     grace_s=cfg.pipeline.shutdown_grace_s, stopping=inlets.stopping))
@@ -76,6 +79,17 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 recorder.close()
 
     return source
+
+
+def console(cfg: Config, pool: Pool, inlets: Inlets) -> Console | None:
+    """The agents' console on the webhook server, when ``[console] token`` is set."""
+    if not cfg.console.token:
+        return None
+    if cfg.console.allow_remote:
+        logger.warning("[console] allow_remote = true: the console answers any client; "
+                       "serve it behind TLS")
+    return Console(cfg.console, ConsoleStore(pool, cfg.database.query_timeout_s),
+                   {i.name: i for i in cfg.instances}, cfg.dispatch, queued=inlets.queued)
 
 
 async def _handover(inlets: Inlets, first_due: dt.timedelta, accepted: Accepted) -> None:

@@ -10,6 +10,7 @@ Routes:
   ``GET /deadletters/<id>``, ``POST /deadletters/<id>/retry`` and ``/discard`` --
   operators, with ``Authorization: Bearer <webhook.resolve_token>`` (off while the token
   is empty)
+* ``/console`` -- the agents' console (pipeline/console/), when ``[console] token`` is set
 * ``GET  /healthz`` -- alive (answers as long as the process runs)
 * ``GET  /readyz`` -- 200 when the database answers, its migrations are current and the
   process is not shutting down; 503 with the problems otherwise
@@ -42,6 +43,7 @@ import attrs
 import trio
 from loguru import logger
 
+from pipeline.asgi import Receive, Response, Scope, Send, TooLarge, headers_of, read_body, respond
 from pipeline.config import WebhookConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.deadletters import MEANING, DeadLetters
@@ -52,26 +54,11 @@ from pipeline.records import Format, Invalid, RawEvent
 from stages.intake import Accepted, LiveIntake, redact_body
 from stages.parse import BodyError, decode_body
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 RETRY_AFTER_S = 5
 READ_TIMEOUT_S = 10
 #: a record_dir failure that keeps happening is logged again at most this often
 RECORD_WARN_EVERY_S = 60.0
 _KEPT_HEADERS = ("content-type", "user-agent", "x-hub-signature-256")
-
-
-@attrs.frozen
-class Response:
-    status: int
-    body: dict[str, Any] | str
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def cloud_signature_ok(raw: bytes, header: str | None, app_secret: str) -> bool:
@@ -109,6 +96,8 @@ class WebhookApp:
     #: ``GET /metrics`` (None: 404) and the problems ``GET /readyz`` reports (none: ready)
     exporter: Exporter | None = None
     readiness: Callable[[], Awaitable[list[str]]] | None = None
+    #: the agents' console (``/console``); None: 404
+    console: Callable[[Scope, Receive], Awaitable[Response]] | None = None
     _record_warning: tuple[str, float] | None = attrs.field(default=None, init=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,9 +106,13 @@ class WebhookApp:
             return
         if scope["type"] != "http":
             return
+        if self.console is not None and (scope["path"] == "/console"
+                                         or scope["path"].startswith("/console/")):
+            await respond(send, await self.console(scope, receive))  # not a webhook: no stats
+            return
         start = time.perf_counter()
         response = await self._route(scope, receive)
-        await _respond(send, response)
+        await respond(send, response)
         self.stats.latency.record((time.perf_counter() - start) * 1000)
         self.stats.sent += 1
         if response.status >= 400:
@@ -139,9 +132,9 @@ class WebhookApp:
             return Response(200, (await self.exporter.page()).decode(),
                             (("content-type", CONTENT_TYPE),))
         if path == "/escalations" or path.startswith("/escalations/"):
-            return await self._escalations(method, path, _headers(scope))
+            return await self._escalations(method, path, headers_of(scope))
         if path == "/deadletters" or path.startswith("/deadletters/"):
-            return await self._operator(method, path, _headers(scope), self._deadletters)
+            return await self._operator(method, path, headers_of(scope), self._deadletters)
         if path == "/webhook/cloud-api" and method == "GET":
             return verification(scope.get("query_string", b"").decode("latin-1"),
                                  self.cfg.verify_token)
@@ -156,10 +149,10 @@ class WebhookApp:
         return await self._post(fmt, scope, receive)
 
     async def _post(self, fmt: Format, scope: Scope, receive: Receive) -> Response:
-        headers = _headers(scope)
+        headers = headers_of(scope)
         try:
-            raw = await _read_body(receive, headers, self.cfg.max_body_bytes)
-        except _TooLarge:
+            raw = await read_body(receive, headers, self.cfg.max_body_bytes)
+        except TooLarge:
             return Response(413, {"error": f"body larger than {self.cfg.max_body_bytes} bytes"},
                             (("connection", "close"),))  # the rest of the body is not read
         if fmt == "cloud-api" and self.cfg.app_secret and not cloud_signature_ok(
@@ -311,41 +304,6 @@ def _refused(scope: Scope, reason: str) -> Response:
     logger.bind(stage="webhook").warning("401 for {}:{} {}: {}", client[0], client[1],
                                          scope.get("path", ""), reason)
     return Response(401, {"error": reason})
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-async def _respond(send: Send, response: Response) -> None:
-    if isinstance(response.body, str):
-        payload, ctype = response.body.encode(), "text/plain; charset=utf-8"
-    else:
-        payload, ctype = json.dumps(response.body).encode(), "application/json"
-    ctype = dict(response.headers).get("content-type", ctype)
-    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(payload)).encode()),
-               *((k.encode(), v.encode()) for k, v in response.headers if k != "content-type")]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

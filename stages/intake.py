@@ -67,6 +67,8 @@ class Intake:
     #: apply receipts to the outbox (off when every channel is dry: nothing was sent, and a
     #: replay's statements stay the same whatever the batching)
     receipts: bool = True
+    #: an own-number message the pipeline did not send hands its conversation to humans
+    phone_hold: bool = False
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         groups: list[tuple[RawEvent, list[InboundMessage]]] = []
@@ -82,7 +84,8 @@ class Intake:
                 assert isinstance(event, RawEvent)
                 groups.append((event, messages))
         if receipts and self.receipts:
-            await with_retry(lambda: self.store.record_receipts(receipts), self.retry, "intake")
+            await with_retry(lambda: self.store.record_receipts(receipts, self.phone_hold),
+                             self.retry, "intake")
         if not groups:
             return []
         try:
@@ -159,6 +162,8 @@ class LiveIntake:
     store: Store
     directory: InstanceDirectory
     first_due: dt.timedelta = dt.timedelta(0)
+    #: an own-number message the pipeline did not send hands its conversation to humans
+    phone_hold: bool = False
 
     async def accept(self, event: RawEvent) -> Accepted:
         parsed = parse_event(event, self.directory)
@@ -171,7 +176,7 @@ class LiveIntake:
                   else [])
         receipts = [p.receipt for p in parsed if isinstance(p, Ignored) and p.receipt]
         if receipts:  # recorded before the answer: a 200 means the outbox knows
-            await self.store.record_receipts(receipts)
+            await self.store.record_receipts(receipts, self.phone_hold)
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
         return Accepted(tuple(stored), finished_parts, invalid)

@@ -439,6 +439,7 @@ ENV = {
     "PIPELINE_EVOLUTION_APIKEY": "evolution-key-3",
     "PIPELINE_RESOLVE_TOKEN": "resolve-token-4",
     "PIPELINE_RESPONDER_GPT_4O_API_KEY": "sk-responder-5",
+    "PIPELINE_CONSOLE_TOKEN": "console-token-9",
 }
 GPT = {"kind": "openai", "url": "https://api.example.com/v1/chat/completions", "model": "m"}
 
@@ -478,7 +479,7 @@ def test_env_replaces_a_bad_file_value_but_not_other_problems() -> None:
 
 def test_redacted_hides_every_secret() -> None:
     secret_keys = {(r.table, r.key) for r in reference() if r.secret}
-    assert len(secret_keys) == 9
+    assert len(secret_keys) == 10
     data = with_acme({
         "dispatch": {"api_key": "dispatch-key-6"},
         "responders": {"gpt-4o": GPT},
@@ -495,6 +496,7 @@ def test_redacted_hides_every_secret() -> None:
                                           "resolve_token")} == {"***"}
     assert plain["responders"]["gpt-4o"]["api_key"] == "***"
     assert plain["dispatch"]["api_key"] == "***"
+    assert plain["console"]["token"] == "***"
     assert plain["instances"][0]["webhook_secret"] == "***"
     assert plain["instances"][0]["api_key"] == "***"
     assert plain["responders"]["rules"]["api_key"] == ""  # unset: nothing to hide
