@@ -109,7 +109,8 @@ def sign_in_and_find_the_customer(driver: Any, url: str) -> None:
     row = wait_for(driver, lambda d: d.find_elements(By.LINK_TEXT, f"Cliente {CUSTOMER[-4:]}"),
                    "the escalated customer in the queue")
     page = driver.find_element(By.TAG_NAME, "body").text
-    assert "explicit request: falar com um atendente" in page and "no 24-hour window (evolution" in page
+    assert "explicit request: falar com um atendente" in page
+    assert "no 24-hour window (evolution" in page
     screenshot(driver, "console-queue.png")
     row[0].click()
     wait_for(driver, lambda d: "/console/conversations/" in d.current_url, "the conversation")
