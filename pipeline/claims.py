@@ -33,7 +33,6 @@ from loguru import logger
 
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.metrics import Metrics
-from pipeline.records import Claim, Closed, Outcome, Turn, utcnow
 from pipeline.store import (
     ClaimCommit,
     ClaimConflict,
@@ -42,6 +41,7 @@ from pipeline.store import (
     ContextRequest,
     Store,
 )
+from stages.records import Claim, Closed, Outcome, Turn, utcnow
 from stages.turns import BurstRules, PendingRow, plan_head, turn_id
 
 #: after a failed turn, its conversation is due again after this pause (doubling per failure)

@@ -30,7 +30,6 @@ from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
-from pipeline.records import Invalid, Outcome, RawEvent, Turn
 from pipeline.retention import RetentionStore, run_retention
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
@@ -40,6 +39,7 @@ from stages.escalation import Escalation, EscalationRules, rules_from_config
 from stages.intake import Intake
 from stages.outcomes import OutcomeSink, collect_outcomes
 from stages.parse import InstanceDirectory
+from stages.records import Invalid, Outcome, RawEvent, Turn
 from stages.respond import Respond, Responder, build_responder
 from stages.turns import BurstRules
 

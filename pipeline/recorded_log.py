@@ -23,8 +23,8 @@ from typing import IO, Any, Self
 
 import attrs
 
-from pipeline.records import FORMATS, RawEvent
 from stages.parse import BodyError, check_body
+from stages.records import FORMATS, RawEvent
 
 __all__ = ["MAX_LINE_BYTES", "REORDER_WINDOW", "LogError", "LogRecorder", "RecordDirError",
            "format_log_line", "merge_logs", "read_log", "reorder"]

@@ -42,9 +42,9 @@ from pipeline.engine import Inlets, Pipeline
 from pipeline.metrics import Metrics
 from pipeline.progress import Progress
 from pipeline.recorded_log import LogError, merge_logs
-from pipeline.records import Invalid, Outcome, RawEvent
 from pipeline.report import ReportCollector
 from stages.outcomes import OutcomeSink
+from stages.records import Invalid, Outcome, RawEvent
 
 
 @attrs.frozen

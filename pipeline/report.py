@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 from pipeline.metrics import Histogram, Metrics
-from pipeline.records import ACTIONS, Outcome
 from stages.outcomes import OutcomeSink
+from stages.records import ACTIONS, Outcome
 
 __all__ = ["ACTION_COLOURS", "InstanceCounts", "ReasonCount", "ReportCollector", "ReportData",
            "StageLatency", "Timeline", "render_report"]

@@ -20,7 +20,7 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
-from pipeline.records import (
+from stages.records import (
     Action,
     Claim,
     InboundMessage,

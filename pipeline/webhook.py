@@ -50,9 +50,9 @@ from pipeline.deadletters import MEANING, DeadLetters
 from pipeline.metrics import StageMetrics
 from pipeline.prometheus import CONTENT_TYPE, Exporter
 from pipeline.recorded_log import LogRecorder
-from pipeline.records import Format, Invalid, RawEvent
 from stages.intake import Accepted, LiveIntake, redact_body
 from stages.parse import BodyError, decode_body
+from stages.records import Format, Invalid, RawEvent
 
 RETRY_AFTER_S = 5
 READ_TIMEOUT_S = 10

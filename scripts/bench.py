@@ -89,10 +89,10 @@ from pipeline.logs import setup_logging
 from pipeline.metrics import Histogram, Metrics
 from pipeline.migrate import migrate
 from pipeline.pgcluster import SERVER_USER, Cluster, ClusterError
-from pipeline.records import Claim, Decision, InboundMessage, Outcome, RawEvent, Reply, Turn
 from pipeline.store import ClaimBatch, ClaimCommit, ClaimRequest, Committed, Store
 from stages.dispatch import Messages, effects, turn_commit
 from stages.outcomes import OutcomeSink
+from stages.records import Claim, Decision, InboundMessage, Outcome, RawEvent, Reply, Turn
 from stages.turns import BurstRules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # latency_proxy.py lives here

@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.metrics import Metrics
-from pipeline.records import Outcome
 from pipeline.report import ReportCollector, ReportData, render_report
 from stages.outcomes import OutcomeSink
+from stages.records import Outcome
 
 STAGES = {  # stage: (median ms, spread) of a log-normal
     "intake": (1.8, 0.6), "dedupe": (0.05, 0.5), "turns": (1500.0, 0.5),

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.claims import WorkClock
 from pipeline.config import Config, parse_config
 from pipeline.engine import Inlets, Pipeline
-from pipeline.records import Outcome, RawEvent, Reply, Turn
 from pipeline.store import Store
 from pipeline.vclock import VirtualClock
 from stages.outcomes import OutcomeSink
+from stages.records import Outcome, RawEvent, Reply, Turn
 
 BASE = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 PHONE_ID = "1122334455667"

@@ -33,8 +33,8 @@ from pipeline.config import ContextConfig, LoadConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
-from pipeline.records import Turn, TurnContext
 from pipeline.store import Store
+from stages.records import Turn, TurnContext
 
 #: what a load that may degrade falls back to
 DEFAULTS: dict[str, Any] = {"history": "", "webhook": "", "escalation": False,

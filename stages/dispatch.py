@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 
 from pipeline.concurrency import Backoff, with_retry
-from pipeline.records import Action, Claim, Outcome, Turn
 from pipeline.store import ClaimCommit, Store, TurnEffects
+from stages.records import Action, Claim, Outcome, Turn
 
 _ACTIONS: dict[str, Action] = {"reply": "replied", "escalate": "escalated", "hold": "held"}
 

@@ -24,7 +24,7 @@ import zoneinfo
 import attrs
 
 from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
-from pipeline.records import Decision, Reply, Turn, TurnContext
+from stages.records import Decision, Reply, Turn, TurnContext
 from stages.textmatch import Matcher, words
 
 __all__ = ["WEEKDAYS", "BusinessHours", "Escalation", "EscalationRules", "after_answer",

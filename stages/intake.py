@@ -19,7 +19,9 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff, with_retry
 from pipeline.db import DatabaseError, DatabaseUnavailable
-from pipeline.records import (
+from pipeline.store import Store
+from stages.parse import InstanceDirectory, parse_event
+from stages.records import (
     Ignored,
     InboundMessage,
     Invalid,
@@ -28,8 +30,6 @@ from pipeline.records import (
     Receipt,
     Stored,
 )
-from pipeline.store import Store
-from stages.parse import InstanceDirectory, parse_event
 
 
 def finished(item: Ignored | Invalid, at: dt.datetime | None = None) -> Outcome:

@@ -23,7 +23,7 @@ from typing import IO, Any, TextIO
 import attrs
 import trio
 
-from pipeline.records import Outcome
+from stages.records import Outcome
 
 _EXAMPLES = 10
 _ORIGIN = re.compile(r"^(.*):(\d+)$")

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from pipeline.records import (
+from stages.records import (
     RECEIPT_RANK,
     Ignored,
     InboundMessage,

@@ -31,8 +31,8 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff, retry
 from pipeline.config import ResponderConfig
-from pipeline.records import Reply, Turn
 from stages.escalation import EscalationRules, after_answer
+from stages.records import Reply, Turn
 from stages.textmatch import Matcher, words
 
 __all__ = ["OPENAI_RETRY", "AnswerError", "OpenAIResponder", "Respond", "Responder", "Rule",

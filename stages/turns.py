@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import attrs
 
-from pipeline.records import Closed, InboundMessage
 from stages.dedupe import NOTHING_TO_ANSWER, TextMemory
+from stages.records import Closed, InboundMessage
 
 _FOREVER = dt.timedelta(days=36500)
 

@@ -26,7 +26,11 @@ from pipeline.claims import WorkClock
 from pipeline.config import Config, parse_config
 from pipeline.db import DatabaseError
 from pipeline.engine import Inlets, Pipeline, burst_rules
-from pipeline.records import (
+from pipeline.store import ClaimCommit, ClaimConflict, ClaimRequest, Store
+from pipeline.vclock import VirtualClock
+from stages.dispatch import Messages, effects, turn_commit
+from stages.outcomes import OutcomeSink
+from stages.records import (
     Claim,
     Decision,
     InboundMessage,
@@ -36,10 +40,6 @@ from pipeline.records import (
     Turn,
     TurnContext,
 )
-from pipeline.store import ClaimCommit, ClaimConflict, ClaimRequest, Store
-from pipeline.vclock import VirtualClock
-from stages.dispatch import Messages, effects, turn_commit
-from stages.outcomes import OutcomeSink
 from stages.turns import turn_id
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cloud-api"

@@ -25,11 +25,11 @@ from pipeline.console.app import Console
 from pipeline.console.queries import ConsoleStore, verdict
 from pipeline.console.views import duration, window
 from pipeline.metrics import Metrics
-from pipeline.records import Receipt
 from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import LiveIntake
 from stages.parse import InstanceDirectory
+from stages.records import Receipt
 
 TOKEN = "console-token-for-tests"
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)

@@ -19,8 +19,8 @@ from test_webhook import _start
 from pipeline.config import WebhookConfig
 from pipeline.deadletters import DeadLetters
 from pipeline.outbox import OutboxStore
-from pipeline.records import Invalid
 from pipeline.store import Store
+from stages.records import Invalid
 
 TOKEN = "operator-token-for-tests"
 receiver = test_delivery.receiver  # the fixtures of the delivery tests

@@ -13,7 +13,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
-from pipeline.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.escalation import (
     BusinessHours,
     Escalation,
@@ -23,6 +22,7 @@ from stages.escalation import (
     fallback_streak,
     rules_from_config,
 )
+from stages.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.textmatch import Matcher, Phrase, fold, words
 
 MONDAY_NOON = dt.datetime(2025, 9, 1, 12, 0, tzinfo=dt.UTC)

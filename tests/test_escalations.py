@@ -17,9 +17,9 @@ from test_webhook import _start
 
 from pipeline.config import WebhookConfig, parse_config
 from pipeline.engine import Inlets, Pipeline
-from pipeline.records import RawEvent
 from pipeline.store import Store
 from stages.outcomes import OutcomeSink
+from stages.records import RawEvent
 
 TOKEN = "resolve-token-for-tests"
 

@@ -56,8 +56,8 @@ from asgi import read_request
 from pipeline.config import embedded_default, load_config
 from pipeline.engine import instance_directory
 from pipeline.pgcluster import Cluster
-from pipeline.records import InboundMessage, RawEvent
 from stages.parse import InstanceDirectory, parse_event
+from stages.records import InboundMessage, RawEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "pipeline" / "data" / "sample.jsonl"

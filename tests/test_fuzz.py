@@ -65,9 +65,9 @@ from test_webhook import APIKEY, DIRECTORY, SECRET, Server, _start, signed
 from pipeline.config import Config, ConfigError, WebhookConfig, embedded_default, load_config
 from pipeline.pgcluster import Cluster
 from pipeline.recorded_log import LogError, LogRecorder, merge_logs, read_log
-from pipeline.records import Invalid, RawEvent
 from pipeline.store import Store
 from stages.parse import parse_event
+from stages.records import Invalid, RawEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MALFORMED = FIXTURES / "malformed"

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.records import Ignored, InboundMessage, Invalid, RawEvent, Receipt
 from stages.parse import (
     BodyError,
     InstanceDirectory,
@@ -22,6 +21,7 @@ from stages.parse import (
     json_depth_ok,
     parse_event,
 )
+from stages.records import Ignored, InboundMessage, Invalid, RawEvent, Receipt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECEIVED = dt.datetime(2025, 8, 31, 10, 15, 2, 123000, tzinfo=dt.UTC)

@@ -16,10 +16,10 @@ from pipeline.cli import sample_log
 from pipeline.config import Config, parse_config
 from pipeline.engine import Inlets, Pipeline
 from pipeline.recorded_log import LogError, merge_logs
-from pipeline.records import Invalid, RawEvent
 from pipeline.shutdown import Shutdown
 from pipeline.store import Store
 from stages.outcomes import OutcomeSink
+from stages.records import Invalid, RawEvent
 
 RULES = [{"match": "price", "reply": "Prices start at 10."},
          {"match": "preço", "reply": "Os preços começam em 10."},

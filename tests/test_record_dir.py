@@ -22,10 +22,10 @@ from test_webhook import DIRECTORY, SECRET, Server, _start, cloud_body, signed
 from pipeline.config import WebhookConfig
 from pipeline.metrics import Metrics, StageMetrics, summary_table
 from pipeline.recorded_log import LogRecorder, RecordDirError, read_log
-from pipeline.records import RawEvent
 from pipeline.store import Store
 from pipeline.webhook import RECORD_WARN_EVERY_S, WebhookApp
 from stages.intake import Accepted, LiveIntake
+from stages.records import RawEvent
 
 DAY = dt.datetime(2025, 8, 31, 10, 15, 2, tzinfo=dt.UTC)
 

@@ -20,8 +20,8 @@ from pipeline.recorded_log import (
     merge_logs,
     read_log,
 )
-from pipeline.records import InboundMessage, Invalid, RawEvent
 from stages.parse import InstanceDirectory, parse_event
+from stages.records import InboundMessage, Invalid, RawEvent
 
 SAMPLE = Path(__file__).parent.parent / "pipeline" / "data" / "sample.jsonl"
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from pipeline.metrics import Metrics
-from pipeline.records import ACTIONS, Outcome
 from pipeline.report import ReportCollector, ReportData, render_report
 from stages.outcomes import OutcomeSink
+from stages.records import ACTIONS, Outcome
 
 HOSTILE = "<script>alert(1)</script>"
 T0 = dt.datetime(2025, 8, 31, 9, 0, tzinfo=dt.UTC)

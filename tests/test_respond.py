@@ -26,7 +26,7 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff
 from pipeline.config import ResponderConfig, RuleConfig
-from pipeline.records import Decision, InboundMessage, Reply, Turn, TurnContext
+from stages.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.respond import (
     AnswerError,
     OpenAIResponder,

@@ -37,9 +37,9 @@ from test_webhook import APIKEY, DIRECTORY, SECRET, _start, signed
 
 from pipeline.config import WebhookConfig, embedded_default, load_config, reference
 from pipeline.pgcluster import Cluster
-from pipeline.records import Outcome, RawEvent
 from pipeline.store import Store
 from stages.intake import Intake
+from stages.records import Outcome, RawEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,8 +12,8 @@ from test_delivery import Receiver, Reply, add_row, conversation, delivering, ma
 from test_faults import until
 
 from pipeline.outbox import OutboxStore
-from pipeline.records import Receipt
 from pipeline.store import Store
+from stages.records import Receipt
 
 receiver = test_delivery.receiver  # the fixtures of the delivery tests
 outbox = test_delivery.outbox

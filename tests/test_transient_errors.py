@@ -27,8 +27,8 @@ from pipeline.db import (
     open_pool,
     translate,
 )
-from pipeline.records import Turn
 from pipeline.store import Store
+from stages.records import Turn
 
 # --- the retry helper and ExceptionGroups (pure, autojump clock) -----------------------------
 

@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from pipeline.records import InboundMessage
 from stages.dedupe import TextMemory
+from stages.records import InboundMessage
 from stages.turns import BurstRules, PendingRow, plan_head, turn_id
 
 T0 = dt.datetime(2025, 8, 31, 10, 0, tzinfo=dt.UTC)

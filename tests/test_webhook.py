@@ -21,11 +21,11 @@ from pipeline.config import WebhookConfig
 from pipeline.db import open_pool
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder, read_log
-from pipeline.records import RawEvent
 from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, LiveIntake
 from stages.parse import InstanceDirectory
+from stages.records import RawEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SECRET = "app-secret-for-tests"
