@@ -34,14 +34,13 @@ from loguru import logger
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.metrics import Metrics
 from pipeline.store import (
-    ClaimCommit,
     ClaimConflict,
     Claimed,
     ClaimRequest,
     ContextRequest,
     Store,
 )
-from stages.records import Claim, Closed, Outcome, Turn, utcnow
+from stages.records import Claim, ClaimCommit, Closed, Outcome, Turn, utcnow
 from stages.turns import BurstRules, PendingRow, plan_head, turn_id
 
 #: after a failed turn, its conversation is due again after this pause (doubling per failure)

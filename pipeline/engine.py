@@ -25,23 +25,25 @@ from loguru import logger
 from pipeline.claims import Claimer, Watermark, WorkClock, wall_clock
 from pipeline.concurrency import Backoff
 from pipeline.config import Config
+from pipeline.context import ContextBatcher, ContextLoader
 from pipeline.db import DatabaseError
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.instances import InstanceCache
+from pipeline.intake import Intake
 from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
+from pipeline.responders import build_responder
 from pipeline.retention import RetentionStore, run_retention
+from pipeline.retried import RetriedCommits, RetriedContexts
+from pipeline.rules import burst_rules, dry_instances, escalation_rules, instance_directory
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
-from stages.context import ContextBatcher, ContextLoader, LoadContext
+from stages.context import LoadContext
 from stages.dispatch import Dispatch, Messages
-from stages.escalation import Escalation, EscalationRules, rules_from_config
-from stages.intake import Intake
+from stages.escalation import Escalation
 from stages.outcomes import OutcomeSink, collect_outcomes
-from stages.parse import InstanceDirectory
 from stages.records import Invalid, Outcome, RawEvent, Turn
-from stages.respond import Respond, Responder, build_responder
-from stages.turns import BurstRules
+from stages.respond import Respond, Responder
 
 
 def instance_rows(cfg: Config) -> list[InstanceRow]:
@@ -50,24 +52,12 @@ def instance_rows(cfg: Config) -> list[InstanceRow]:
             for i in cfg.instances]
 
 
-def escalation_rules(cfg: Config) -> dict[str, EscalationRules]:
-    """Each instance's rules: the ``[escalation]`` defaults refined by the instance."""
-    return {i.name: rules_from_config(cfg.escalation, i) for i in cfg.instances}
-
-
 def responders(cfg: Config, client: httpx.AsyncClient | None) -> dict[str, Responder]:
     """The responder of each instance; instances naming the same responder share one.
     ``client`` is the HTTP client of the ``openai`` responders."""
     built = {name: build_responder(name, cfg.responders[name], client)
              for name in dict.fromkeys(i.responder for i in cfg.instances)}
     return {i.name: built[i.responder] for i in cfg.instances}
-
-
-def burst_rules(cfg: Config) -> BurstRules:
-    buf = cfg.intake.buffer
-    return BurstRules(dt.timedelta(milliseconds=buf.window_ms), buf.max_messages,
-                      dt.timedelta(milliseconds=buf.max_wait_ms) if buf.max_wait_ms else None,
-                      dt.timedelta(seconds=cfg.dedupe.content_window_s))
 
 
 #: while the database is unavailable, stages wait and retry (about two minutes) rather
@@ -268,7 +258,7 @@ class Pipeline:
             await nursery.start(loader.batcher.run)
         rules = escalation_rules(cfg)
         handlers = [
-            ("context", LoadContext(loader, DB_RETRY)),
+            ("context", LoadContext(RetriedContexts(loader, DB_RETRY))),
             ("escalation", Escalation(rules)),
             ("respond", Respond(self.responders or responders(cfg, http), rules)),
         ]
@@ -280,20 +270,11 @@ class Pipeline:
                                 then)
             recv = next_recv
         clock = claimer.clock
-        dispatch = Dispatch(store, handover, dry_instances(cfg), claimer.finished,
-                            (lambda: None) if clock.database else clock.now,
-                            burst_rules(cfg).first_due, self.wake.notify, DB_RETRY)
+        dispatch = Dispatch(RetriedCommits(store, DB_RETRY), handover, dry_instances(cfg),
+                            claimer.finished, (lambda: None) if clock.database else clock.now,
+                            burst_rules(cfg).first_due, self.wake.notify)
         await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
                             instances.close)
-
-
-def dry_instances(cfg: Config) -> dict[str, bool]:
-    """Whether each instance's channel is ``dry`` (its outbox rows are recorded, not sent)."""
-    return {i.name: i.channel(cfg.dispatch).transport == "dry" for i in cfg.instances}
-
-
-def instance_directory(cfg: Config) -> InstanceDirectory:
-    return InstanceDirectory(cfg.instance_by_phone_number_id, cfg.instance_by_evolution_name)
 
 
 async def _run_source(source: Source, inlets: Inlets) -> None:

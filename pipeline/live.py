@@ -19,13 +19,15 @@ from pipeline.config import Config
 from pipeline.console.app import Console
 from pipeline.console.queries import ConsoleStore
 from pipeline.db import Pool, open_pool
-from pipeline.engine import Inlets, Source, burst_rules, instance_directory
+from pipeline.engine import Inlets, Source
+from pipeline.intake import LiveIntake
 from pipeline.metrics import Metrics
 from pipeline.prometheus import Exporter, problems
 from pipeline.recorded_log import LogRecorder, RecordDirError
+from pipeline.rules import burst_rules, instance_directory
 from pipeline.store import Store
 from pipeline.webhook import WebhookApp, serve
-from stages.intake import Accepted, LiveIntake, redelivered
+from stages.intake import Accepted, redelivered
 from stages.outcomes import OutcomeSink
 
 ACK_CONNECTIONS = 2

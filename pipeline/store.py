@@ -21,8 +21,9 @@ from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
 from stages.records import (
-    Action,
     Claim,
+    ClaimCommit,
+    Committed,
     InboundMessage,
     Invalid,
     Receipt,
@@ -94,26 +95,6 @@ class ClaimBatch:
 
 
 @attrs.frozen
-class Committed:
-    written: bool
-    next_due: dt.datetime | None
-
-
-@attrs.frozen
-class ClaimCommit:
-    """A claim's commit: the rows it closes (inbox id, action, reason, key) and the turn's
-    effects, if it had a turn. ``next_due``: how long after its oldest remaining row the
-    conversation is due again; ``now``: when rows exist that this commit cannot see yet."""
-
-    claim: Claim
-    instance: str
-    rows: tuple[tuple[int, str, str | None, str], ...]
-    effects: TurnEffects | None
-    next_due: dt.timedelta
-    now: dt.datetime | None  # None: the database's clock
-
-
-@attrs.frozen
 class InstanceRow:
     name: str
     phone_number_id: str
@@ -128,18 +109,6 @@ class EscalationRow:
     sender: str
     reason: str
     created_at: dt.datetime
-
-
-@attrs.frozen
-class TurnEffects:
-    """Everything a finished Turn writes, committed together by :meth:`Store.commit_turn`."""
-
-    turn: Turn
-    action: Action
-    reason: str | None
-    reply_text: str | None
-    outbox: tuple[tuple[str, str, str, dict[str, Any]], ...]  # (key, kind, target, payload)
-    delivered: bool
 
 
 def message_json(msg: InboundMessage) -> dict[str, Any]:

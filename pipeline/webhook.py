@@ -16,7 +16,8 @@ Routes:
   process is not shutting down; 503 with the problems otherwise
 * ``GET  /metrics`` -- Prometheus text format (:mod:`pipeline.prometheus`)
 
-Order of checks for a POST: size (413) → credentials (401) → JSON (400 + dead letter) →
+Order of checks for a POST: size (413) → credentials (401, :func:`credentials_problem`) →
+JSON (400 + dead letter) →
 parse (400 + dead letter when nothing in the body is usable) → inbox write (503 with
 Retry-After when it cannot be done) → 200. A 200 therefore always means "stored"; a
 redelivery is stored already and answered 200 at once. Stored messages are then handed to
@@ -35,7 +36,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 from urllib.parse import parse_qs
 
@@ -47,10 +48,11 @@ from pipeline.asgi import Receive, Response, Scope, Send, TooLarge, headers_of, 
 from pipeline.config import WebhookConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.deadletters import MEANING, DeadLetters
+from pipeline.intake import LiveIntake
 from pipeline.metrics import StageMetrics
 from pipeline.prometheus import CONTENT_TYPE, Exporter
 from pipeline.recorded_log import LogRecorder
-from stages.intake import Accepted, LiveIntake, redact_body
+from stages.intake import Accepted, redact_body
 from stages.parse import BodyError, decode_body
 from stages.records import Format, Invalid, RawEvent
 
@@ -71,6 +73,40 @@ def cloud_signature_ok(raw: bytes, header: str | None, app_secret: str) -> bool:
 
 def apikey_ok(given: object, expected: str) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+#: ``credentials_problem``'s body before it is read
+UNREAD = object()
+
+
+def credentials_problem(fmt: Format, cfg: WebhookConfig, headers: Mapping[str, str],
+                        raw: bytes, body: object = UNREAD) -> str | None:
+    """Why a webhook POST is refused for its credentials (401, nothing kept), or None.
+
+    Asked before the body is decoded (``body`` is :data:`UNREAD`), then again with the
+    decoded body (or its :class:`BodyError`): each credential is checked once, as early as
+    it can be, so that a request without valid credentials costs no parsing when it can be
+    refused without. Cloud API: ``X-Hub-Signature-256`` must be the HMAC of the raw body
+    (when ``app_secret`` is set). Evolution (when ``evolution_apikey`` is set): the
+    ``apikey`` header, else the body's own ``apikey`` field; an undecodable body without
+    the header has no credentials we could check.
+    """
+    before = body is UNREAD
+    if fmt == "cloud-api":
+        if before and cfg.app_secret and not cloud_signature_ok(
+                raw, headers.get("x-hub-signature-256"), cfg.app_secret):
+            return "x-hub-signature-256 does not match the body"
+        return None
+    if not cfg.evolution_apikey:
+        return None
+    given = headers.get("apikey")
+    if given is None:
+        if before:
+            return None  # the body's own field decides
+        given = body.get("apikey") if isinstance(body, dict) else None
+    elif not before:
+        return None  # the header was checked already
+    return None if apikey_ok(given, cfg.evolution_apikey) else "apikey is missing or wrong"
 
 
 def verification(query: str, verify_token: str) -> Response:
@@ -155,25 +191,19 @@ class WebhookApp:
         except TooLarge:
             return Response(413, {"error": f"body larger than {self.cfg.max_body_bytes} bytes"},
                             (("connection", "close"),))  # the rest of the body is not read
-        if fmt == "cloud-api" and self.cfg.app_secret and not cloud_signature_ok(
-                raw, headers.get("x-hub-signature-256"), self.cfg.app_secret):
-            return _refused(scope, "x-hub-signature-256 does not match the body")
-        key_needed = fmt == "evolution" and bool(self.cfg.evolution_apikey)
-        header_key = headers.get("apikey")
-        if key_needed and header_key is not None and not apikey_ok(
-                header_key, self.cfg.evolution_apikey):
-            return _refused(scope, "apikey is missing or wrong")
+        refused = credentials_problem(fmt, self.cfg, headers, raw)
+        if refused is not None:
+            return _refused(scope, refused)
         try:
-            body = decode_body(raw, self.cfg.max_json_depth)
+            body: Any = decode_body(raw, self.cfg.max_json_depth)
         except BodyError as exc:
-            if key_needed and header_key is None:  # no credentials we could check: no trace
-                return _refused(scope, "apikey is missing or wrong")
-            await self._dead_letter(Invalid(exc.reason, format=fmt), raw)
-            return Response(400, {"error": exc.reason})
-        if key_needed and header_key is None and not apikey_ok(
-                body.get("apikey") if isinstance(body, dict) else None,
-                self.cfg.evolution_apikey):
-            return _refused(scope, "apikey is missing or wrong")
+            body = exc
+        refused = credentials_problem(fmt, self.cfg, headers, raw, body)
+        if refused is not None:
+            return _refused(scope, refused)
+        if isinstance(body, BodyError):
+            await self._dead_letter(Invalid(body.reason, format=fmt), raw)
+            return Response(400, {"error": body.reason})
         event = RawEvent(self.clock(), fmt, body,
                          {k: v for k, v in headers.items() if k in _KEPT_HEADERS})
         return await self._accept(event)

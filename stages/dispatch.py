@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
-from pipeline.concurrency import Backoff, with_retry
-from pipeline.store import ClaimCommit, Store, TurnEffects
-from stages.records import Action, Claim, Outcome, Turn
+from stages.records import Action, Claim, ClaimCommit, Committed, Outcome, Turn, TurnEffects
 
 _ACTIONS: dict[str, Action] = {"reply": "replied", "escalate": "escalated", "hold": "held"}
 
@@ -96,22 +94,27 @@ def outcomes(turn: Turn, fx: TurnEffects) -> list[Outcome]:
     return lines
 
 
+class Commits(Protocol):
+    """Where a turn's commit goes: one statement, fenced by the claim's token (the pipeline
+    gives the store, retried while the database is unavailable)."""
+
+    async def commit_claim(self, commit: ClaimCommit) -> Committed: ...
+
+
 @attrs.define
 class Dispatch:
-    store: Store
+    store: Commits
     messages: dict[str, Messages]  # by instance
     dry: Mapping[str, bool]  # by instance: its channel records rather than sends
     finished: Callable[[Claim, dt.datetime | None], None]
     now: Callable[[], dt.datetime | None]  # None: the database's clock
     next_due: dt.timedelta
     on_commit: Callable[[], None] | None = None
-    retry: Backoff | None = None
 
     async def __call__(self, turn: Turn) -> list[Outcome]:
         fx = effects(turn, self.messages[turn.instance], self.dry.get(turn.instance, True))
         commit = turn_commit(turn, fx, self.next_due, self.now())
-        done = await with_retry(lambda: self.store.commit_claim(commit), self.retry,
-                                "dispatch")
+        done = await self.store.commit_claim(commit)
         assert turn.claim is not None
         self.finished(turn.claim, done.next_due)
         if self.on_commit is not None and fx.outbox and not fx.delivered:

@@ -23,12 +23,11 @@ import zoneinfo
 
 import attrs
 
-from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
 from stages.records import Decision, Reply, Turn, TurnContext
 from stages.textmatch import Matcher, words
 
 __all__ = ["WEEKDAYS", "BusinessHours", "Escalation", "EscalationRules", "after_answer",
-           "decide", "fallback_streak", "rules_from_config"]
+           "decide", "fallback_streak"]
 
 #: ``datetime.weekday()`` order, as the config spells the days
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -63,11 +62,6 @@ class BusinessHours:
     def __attrs_post_init__(self) -> None:
         if self.close <= self.open:
             raise ValueError(f"close must be after open ({self.open}), not {self.close}")
-
-    @classmethod
-    def from_config(cls, cfg: BusinessHoursConfig) -> BusinessHours:
-        return cls(cfg.enabled, cfg.timezone, frozenset(cfg.days),
-                   dt.time.fromisoformat(cfg.open), dt.time.fromisoformat(cfg.close))
 
     def is_open(self, at: dt.datetime) -> bool:
         """Whether humans are there at the aware instant ``at``."""
@@ -119,18 +113,6 @@ class EscalationRules:
         if (keyword := self._keywords.first(folded)) is not None:
             return f"keyword: {keyword.text}"
         return None
-
-
-def rules_from_config(base: EscalationConfig, instance: InstanceConfig) -> EscalationRules:
-    """The rules of ``instance``: the ``[escalation]`` defaults refined by the instance."""
-    return EscalationRules(
-        keywords=(*base.keywords, *instance.escalation_keywords),
-        max_failed_answers=instance.max_failed_answers or base.max_failed_answers,
-        request_phrases=base.request_phrases,
-        enabled=instance.escalation_enabled,
-        hours=BusinessHours.from_config(base.business_hours),
-        min_confidence=base.min_confidence,
-    )
 
 
 def fallback_streak(recent_fallbacks: tuple[bool, ...]) -> int:

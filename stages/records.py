@@ -275,3 +275,37 @@ class Outcome:
             "timings_ms": dict(self.timings_ms),
             **({"degraded": dict(self.degraded)} if self.degraded else {}),
         }
+
+
+# --- what a turn writes (the dispatch stage hands it to the store) ---------------------
+
+@attrs.frozen
+class TurnEffects:
+    """Everything a finished Turn writes, committed with its claim in one statement."""
+
+    turn: Turn
+    action: Action
+    reason: str | None
+    reply_text: str | None
+    outbox: tuple[tuple[str, str, str, dict[str, Any]], ...]  # (key, kind, target, payload)
+    delivered: bool
+
+
+@attrs.frozen
+class ClaimCommit:
+    """A claim's commit: the rows it closes (inbox id, action, reason, key) and the turn's
+    effects, if it had a turn. ``next_due``: how long after its oldest remaining row the
+    conversation is due again; ``now``: when rows exist that this commit cannot see yet."""
+
+    claim: Claim
+    instance: str
+    rows: tuple[tuple[int, str, str | None, str], ...]
+    effects: TurnEffects | None
+    next_due: dt.timedelta
+    now: dt.datetime | None  # None: the database's clock
+
+
+@attrs.frozen
+class Committed:
+    written: bool
+    next_due: dt.datetime | None

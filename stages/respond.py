@@ -5,11 +5,13 @@ Two kinds, both behind the :class:`Responder` protocol:
 - :class:`RulesResponder` -- deterministic (the embedded default): the first configured rule
   whose ``match`` occurs as a word or phrase (same folding as escalation keywords, see
   :mod:`stages.textmatch`) answers; otherwise the fallback.
-- :class:`OpenAIResponder` -- an OpenAI-compatible ``/v1/chat/completions`` endpoint over a
-  shared ``httpx.AsyncClient``. A failing endpoint never fails the turn: after the retries the
-  user gets the fallback answer (``fallback=True``), which also counts towards the "N fallback
-  answers in a row" escalation -- so a dead model hands conversations to humans instead of
-  leaving users unanswered.
+- ``OpenAIResponder`` (:mod:`pipeline.responders`, the HTTP edge) -- an OpenAI-compatible
+  ``/v1/chat/completions`` endpoint over a shared ``httpx.AsyncClient``; this module holds
+  its pure parts (the request's messages, reading a completion, its confidence). A failing
+  endpoint never fails the turn: after the retries the user gets the fallback answer
+  (``fallback=True``), which also counts towards the "N fallback answers in a row"
+  escalation -- so a dead model hands conversations to humans instead of leaving users
+  unanswered.
 
 Confidence of an OpenAI answer: chat endpoints report no calibrated confidence, only why
 generation ended. ``finish_reason == "stop"`` (the model ended its answer itself) is recorded
@@ -25,19 +27,13 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
-import httpx
-import trio
-from loguru import logger
 
-from pipeline.concurrency import Backoff, retry
-from pipeline.config import ResponderConfig
 from stages.escalation import EscalationRules, after_answer
 from stages.records import Reply, Turn
 from stages.textmatch import Matcher, words
 
-__all__ = ["OPENAI_RETRY", "AnswerError", "OpenAIResponder", "Respond", "Responder", "Rule",
-           "RulesResponder", "build_responder", "chat_messages", "confidence_of",
-           "history_messages", "parse_completion"]
+__all__ = ["AnswerError", "Respond", "Responder", "Rule", "RulesResponder", "chat_messages",
+           "confidence_of", "history_messages", "parse_completion"]
 
 
 class Responder(Protocol):
@@ -119,10 +115,6 @@ class AnswerError(Exception):
     wrong. The responder turns it into the fallback answer, so it never leaves the stage."""
 
 
-class _Retryable(AnswerError):
-    """An answer worth another attempt: 429 or 5xx."""
-
-
 def parse_completion(data: Any) -> tuple[str, str | None]:
     """``(content stripped, finish_reason)`` of a chat completion, or ``AnswerError``."""
     try:
@@ -139,102 +131,6 @@ def parse_completion(data: Any) -> tuple[str, str | None]:
 def confidence_of(finish_reason: str | None) -> float:
     """0.8 for an answer the model finished itself, 0.5 otherwise (module docstring)."""
     return 0.8 if finish_reason == "stop" else 0.5
-
-
-#: 3 attempts, pauses of up to 0.2 then 0.4 s: a blip is bridged, a dead endpoint costs the
-#: turn at most 3 x timeout_s + 0.6 s before the fallback.
-OPENAI_RETRY = Backoff(attempts=3, initial_s=0.2, max_s=1.0)
-_RETRY_ON = (_Retryable, httpx.TransportError, trio.TooSlowError)
-
-
-def _where(url: str) -> str:
-    """The URL without credentials or query, for log lines."""
-    try:
-        return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
-    except httpx.InvalidURL:
-        return "(an invalid url)"
-
-
-def _describe(exc: Exception, timeout_s: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout_s} s"
-    if isinstance(exc, AnswerError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-@attrs.frozen
-class OpenAIResponder:
-    """An OpenAI-compatible chat endpoint; on failure, the fallback (module docstring)."""
-
-    name: str
-    url: str
-    model: str
-    client: httpx.AsyncClient = attrs.field(eq=False, repr=False)
-    fallback: str
-    api_key: str = attrs.field(default="", repr=False)
-    timeout_s: float = 10.0
-    system_prompt: str = "You are a helpful assistant."
-    policy: Backoff = OPENAI_RETRY
-
-    def request_body(self, turn: Turn, history: str) -> dict[str, Any]:
-        return {"model": self.model,
-                "messages": chat_messages(self.system_prompt, history, turn.text),
-                "temperature": 0}
-
-    async def answer(self, turn: Turn, history: str) -> Reply:
-        body = self.request_body(turn, history)
-        attempts = 0
-
-        async def attempt() -> Any:
-            nonlocal attempts
-            attempts += 1
-            return await self._post(body)
-
-        try:
-            data = await retry(attempt, retry_on=_RETRY_ON, policy=self.policy,
-                               on_retry=self._log_retry)
-            text, finish = parse_completion(data)
-        except (AnswerError, httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
-            logger.bind(stage="respond", responder=self.name).warning(
-                "responder {!r}: POST {} failed after {} attempt(s): {}; answering with the "
-                "fallback", self.name, _where(self.url), attempts,
-                _describe(exc, self.timeout_s))
-            return Reply(self.fallback, 0.0, fallback=True, responder=self.name)
-        return Reply(text, confidence_of(finish), fallback=False, responder=self.name)
-
-    async def _post(self, body: dict[str, Any]) -> Any:
-        """One attempt within ``timeout_s`` (trio's deadline is the only timeout: httpx's
-        own are off so that the two cannot disagree)."""
-        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with trio.fail_after(self.timeout_s):
-            response = await self.client.post(self.url, json=body, headers=headers,
-                                              timeout=None)
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"http {response.status_code}")
-        if not response.is_success:
-            raise AnswerError(f"http {response.status_code}: {response.text[:200]!r}")
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise AnswerError(f"answer is not json: {response.text[:80]!r}") from exc
-
-    def _log_retry(self, attempt: int, exc: Exception, pause: float) -> None:
-        logger.bind(stage="respond", responder=self.name).debug(
-            "responder {!r}: attempt {} failed ({}); retrying in {:.2f} s", self.name, attempt,
-            _describe(exc, self.timeout_s), pause)
-
-
-def build_responder(name: str, cfg: ResponderConfig,
-                    client: httpx.AsyncClient | None) -> Responder:
-    """The responder ``[responders.<name>]`` describes; ``openai`` needs the shared client."""
-    if cfg.kind == "rules":
-        return RulesResponder(name, tuple(Rule(r.match, r.reply, r.confidence)
-                                          for r in cfg.rules), cfg.fallback)
-    if client is None:
-        raise ValueError(f"responder {name!r} of kind 'openai' needs an http client")
-    return OpenAIResponder(name, cfg.url, cfg.model, client, cfg.fallback, api_key=cfg.api_key,
-                           timeout_s=cfg.timeout_s, system_prompt=cfg.system_prompt)
 
 
 # --- the stage --------------------------------------------------------------------------------

@@ -25,13 +25,15 @@ from conftest import sql
 from pipeline.claims import WorkClock
 from pipeline.config import Config, parse_config
 from pipeline.db import DatabaseError
-from pipeline.engine import Inlets, Pipeline, burst_rules
-from pipeline.store import ClaimCommit, ClaimConflict, ClaimRequest, Store
+from pipeline.engine import Inlets, Pipeline
+from pipeline.rules import burst_rules
+from pipeline.store import ClaimConflict, ClaimRequest, Store
 from pipeline.vclock import VirtualClock
 from stages.dispatch import Messages, effects, turn_commit
 from stages.outcomes import OutcomeSink
 from stages.records import (
     Claim,
+    ClaimCommit,
     Decision,
     InboundMessage,
     Outcome,

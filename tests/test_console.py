@@ -24,10 +24,10 @@ from pipeline.console import auth
 from pipeline.console.app import Console
 from pipeline.console.queries import ConsoleStore, verdict
 from pipeline.console.views import duration, window
+from pipeline.intake import LiveIntake
 from pipeline.metrics import Metrics
 from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
-from stages.intake import LiveIntake
 from stages.parse import InstanceDirectory
 from stages.records import Receipt
 

@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 
 from pipeline.config import load_config
-from pipeline.engine import instance_directory
 from pipeline.recorded_log import LogError, read_log
-from stages.escalation import rules_from_config
+from pipeline.responders import build_responder
+from pipeline.rules import instance_directory, rules_from_config
 from stages.parse import parse_event
 from stages.records import Ignored, InboundMessage, Invalid, RawEvent
-from stages.respond import build_responder
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = ROOT / "pipeline" / "data" / "day.jsonl"

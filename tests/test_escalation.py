@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import BusinessHoursConfig, EscalationConfig, InstanceConfig
+from pipeline.rules import rules_from_config
 from stages.escalation import (
     BusinessHours,
     Escalation,
@@ -20,7 +21,6 @@ from stages.escalation import (
     after_answer,
     decide,
     fallback_streak,
-    rules_from_config,
 )
 from stages.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.textmatch import Matcher, Phrase, fold, words

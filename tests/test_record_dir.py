@@ -20,11 +20,12 @@ from loguru import logger
 from test_webhook import DIRECTORY, SECRET, Server, _start, cloud_body, signed
 
 from pipeline.config import WebhookConfig
+from pipeline.intake import LiveIntake
 from pipeline.metrics import Metrics, StageMetrics, summary_table
 from pipeline.recorded_log import LogRecorder, RecordDirError, read_log
 from pipeline.store import Store
 from pipeline.webhook import RECORD_WARN_EVERY_S, WebhookApp
-from stages.intake import Accepted, LiveIntake
+from stages.intake import Accepted
 from stages.records import RawEvent
 
 DAY = dt.datetime(2025, 8, 31, 10, 15, 2, tzinfo=dt.UTC)

@@ -23,10 +23,10 @@ from test_replay_http import CountingServer, serving
 
 from pipeline.cli import bundled_day, sample_log
 from pipeline.config import Config
+from pipeline.intake import Intake
 from pipeline.pgcluster import Cluster
 from pipeline.replay import replay
 from pipeline.store import InstanceRow, Store
-from stages.intake import Intake
 from stages.parse import InstanceDirectory
 from stages.records import Invalid, Outcome, RawEvent
 

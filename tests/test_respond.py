@@ -26,14 +26,13 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff
 from pipeline.config import ResponderConfig, RuleConfig
+from pipeline.responders import OpenAIResponder, build_responder
 from stages.records import Decision, InboundMessage, Reply, Turn, TurnContext
 from stages.respond import (
     AnswerError,
-    OpenAIResponder,
     Respond,
     Rule,
     RulesResponder,
-    build_responder,
     chat_messages,
     confidence_of,
     history_messages,

@@ -36,9 +36,9 @@ from test_fuzz import (
 from test_webhook import APIKEY, DIRECTORY, SECRET, _start, signed
 
 from pipeline.config import WebhookConfig, embedded_default, load_config, reference
+from pipeline.intake import Intake
 from pipeline.pgcluster import Cluster
 from pipeline.store import Store
-from stages.intake import Intake
 from stages.records import Outcome, RawEvent
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,11 +19,12 @@ from conftest import sql
 
 from pipeline.config import WebhookConfig
 from pipeline.db import open_pool
+from pipeline.intake import LiveIntake
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder, read_log
 from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
-from stages.intake import Accepted, LiveIntake
+from stages.intake import Accepted
 from stages.parse import InstanceDirectory
 from stages.records import RawEvent
 

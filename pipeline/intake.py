@@ -1,0 +1,134 @@
+"""Intake's I/O: the batch stage that stores parsed events in the inbox (logs, replays) and
+the webhook's intake, which stores one body before the request is acknowledged. What they
+decide -- which parts are messages, receipts or finished here, and their outcome lines -- is
+:mod:`stages.intake`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+from loguru import logger
+
+from pipeline.concurrency import Backoff, with_retry
+from pipeline.db import DatabaseError, DatabaseUnavailable
+from pipeline.store import Store
+from stages.intake import Accepted, finished, redact_body, redelivered, sort_parts
+from stages.parse import InstanceDirectory, parse_event
+from stages.records import (
+    Ignored,
+    InboundMessage,
+    Invalid,
+    Outcome,
+    RawEvent,
+    Receipt,
+    Stored,
+)
+
+
+@attrs.define
+class Intake:
+    """The stage; its outputs are the outcomes of redelivered ids. ``stored`` is told when
+    the new rows it wrote become due (it wakes the claimer then)."""
+
+    store: Store
+    directory: InstanceDirectory
+    done: trio.MemorySendChannel[Outcome]
+    retry: Backoff | None = None
+    first_due: dt.timedelta = dt.timedelta(0)
+    stored: Callable[[dt.datetime], None] = lambda due: None
+    #: told the latest ``received_at`` of each batch once it is in the inbox (event time)
+    seen: Callable[[dt.datetime], None] = lambda latest: None
+    #: apply receipts to the outbox (off when every channel is dry: nothing was sent, and a
+    #: replay's statements stay the same whatever the batching)
+    receipts: bool = True
+    #: an own-number message the pipeline did not send hands its conversation to humans
+    phone_hold: bool = False
+
+    async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
+        groups: list[tuple[RawEvent, list[InboundMessage]]] = []
+        receipts: list[Receipt] = []
+        for event in batch:
+            parts = sort_parts([event] if isinstance(event, Invalid)
+                               else parse_event(event, self.directory))
+            receipts += parts.receipts
+            for item in parts.ended:
+                await self._finish(item, event)
+            if parts.messages:
+                assert isinstance(event, RawEvent)
+                groups.append((event, list(parts.messages)))
+        if receipts and self.receipts:
+            await with_retry(lambda: self.store.record_receipts(receipts, self.phone_hold),
+                             self.retry, "intake")
+        if not groups:
+            return []
+        try:
+            stored = await self._store([m for _, group in groups for m in group])
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as exc:
+            if len(groups) == 1:
+                await self._unstorable(*groups[0], exc)
+                return []
+            # one event spoils the statement: store them one by one, so only it is lost
+            stored = []
+            for event, messages in groups:
+                try:
+                    stored += await self._store(messages)
+                except DatabaseUnavailable:
+                    raise
+                except DatabaseError as one:
+                    await self._unstorable(event, messages, one)
+        return [redelivered(s) for s in stored if s.redelivered]
+
+    async def _store(self, messages: list[InboundMessage]) -> list[Stored]:
+        stored = await with_retry(lambda: self.store.store_inbound(messages, self.first_due),
+                                  self.retry, "intake")
+        new = [s.message.received_at for s in stored if not s.redelivered]
+        if new:
+            self.stored(min(new) + self.first_due)
+        self.seen(max(m.received_at for m in messages))
+        return stored
+
+    async def _unstorable(self, event: RawEvent, messages: list[InboundMessage],
+                          exc: DatabaseError) -> None:
+        """An event whose messages the inbox refuses: a dead letter, like an invalid one."""
+        self.seen(max(m.received_at for m in messages))
+        reason = f"the inbox refused its {len(messages)} message(s): {exc}"[:500]
+        await self._finish(Invalid(reason, format=event.format, origin=event.origin), event)
+
+    async def _finish(self, item: Ignored | Invalid, event: RawEvent | Invalid) -> None:
+        if isinstance(item, Invalid):
+            logger.bind(stage="intake").warning("invalid event from {}: {} {}", item.origin,
+                                                item.reason, item.where)
+            raw = json.dumps(redact_body(event.body)) if isinstance(event, RawEvent) else None
+            await self.store.dead_letter("intake", item, raw)
+        await self.done.send(finished(item, event.received_at
+                                      if isinstance(event, RawEvent) else None))
+
+
+@attrs.define
+class LiveIntake:
+    """Intake for the webhook server: parse one body and store its messages *before* the
+    request is acknowledged. Store errors propagate (the server answers 503)."""
+
+    store: Store
+    directory: InstanceDirectory
+    first_due: dt.timedelta = dt.timedelta(0)
+    #: an own-number message the pipeline did not send hands its conversation to humans
+    phone_hold: bool = False
+
+    async def accept(self, event: RawEvent) -> Accepted:
+        parts = sort_parts(parse_event(event, self.directory))
+        invalid = tuple(p for p in parts.ended if isinstance(p, Invalid))
+        stored = (await self.store.store_inbound(parts.messages, self.first_due, stamp=True)
+                  if parts.messages else [])
+        if parts.receipts:  # recorded before the answer: a 200 means the outbox knows
+            await self.store.record_receipts(parts.receipts, self.phone_hold)
+        for item in invalid:
+            await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
+        return Accepted(tuple(stored), tuple(finished(p, event.received_at) for p in parts.ended),
+                        invalid)
