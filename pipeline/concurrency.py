@@ -3,17 +3,18 @@
 =========================================  =============================================
 source document (TypeScript)               here
 =========================================  =============================================
-executeParallel (Promise.all)              :func:`all_or_nothing` -- siblings cancelled on
-                                           the first error, errors as an ExceptionGroup
 executeSafeParallel (allSettled+defaults)  :func:`settle` -- per-operation default on
-                                           failure or timeout, with a record of why
-executeWithConcurrencyLimit                :func:`map_bounded` -- results in input order
-executeBatchedParallel                     :func:`batches` -- from a channel, bounded size
-                                           and delay
+                                           failure or timeout, with a record of why (the
+                                           ``parallel`` and ``sequential`` context modes)
 executeWithRetry                           :func:`retry` -- exponential backoff, jitter,
                                            attempt and deadline budget, declared errors only
 withTimeout / measureTime                  ``timeout`` arguments, :func:`timed`
 =========================================  =============================================
+
+The source documents' ``executeParallel``, ``executeWithConcurrencyLimit`` and
+``executeBatchedParallel`` have no counterpart: a nursery is the first, the keyed stages'
+``max_active`` bound the second (:mod:`pipeline.runtime`), and the claim and the ``batched``
+context mode batch in one statement what they batched in many.
 
 Every task lives in a nursery owned by the caller's ``await``; nothing outlives the call.
 Only ``Exception`` subclasses are caught, never ``Cancelled``/``KeyboardInterrupt``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -59,20 +60,6 @@ async def _run_named(name: str, op: Op[T], timeout: float | None, metrics: Metri
                 into[name] = await op()
 
 
-async def all_or_nothing(ops: Mapping[str, Op[Any]], *, timeout: float | None = None,
-                         metrics: Metrics | None = None) -> dict[str, Any]:
-    """Run the named operations together; the first error cancels the rest.
-
-    Errors surface as an ``ExceptionGroup`` (handle with ``except*``); a timeout is a
-    ``trio.TooSlowError`` of the operation that ran out of time.
-    """
-    results: dict[str, Any] = {}
-    async with trio.open_nursery() as nursery:
-        for name, op in ops.items():
-            nursery.start_soon(_run_named, name, op, timeout, metrics, results, name=name)
-    return {name: results[name] for name in ops}
-
-
 @attrs.frozen
 class Failure:
     """Why an operation of :func:`settle` fell back to its default."""
@@ -86,10 +73,6 @@ class Failure:
 class Settled(Generic[T]):
     values: dict[str, T]
     failures: tuple[Failure, ...] = ()
-
-    @property
-    def degraded(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self.failures)
 
 
 async def settle(ops: Mapping[str, Op[Any]], defaults: Mapping[str, Any], *,
@@ -118,42 +101,6 @@ async def settle(ops: Mapping[str, Op[Any]], defaults: Mapping[str, Any], *,
             nursery.start_soon(guarded, name, op, name=name)
     merged = {name: values[name] if name in values else defaults[name] for name in ops}
     return Settled(merged, tuple(failures[n] for n in ops if n in failures))
-
-
-async def map_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], *,
-                      limit: int) -> list[R]:
-    """``[await fn(x) for x in items]`` with at most ``limit`` running at once; fail fast."""
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, not {limit}")
-    results: list[Any] = [None] * len(items)
-    slots = trio.Semaphore(limit)
-
-    async def one(index: int, item: T) -> None:
-        try:
-            results[index] = await fn(item)
-        finally:
-            slots.release()
-
-    async with trio.open_nursery() as nursery:
-        for index, item in enumerate(items):
-            await slots.acquire()
-            nursery.start_soon(one, index, item)
-    return results
-
-
-async def batches(recv: trio.MemoryReceiveChannel[T], *, max_size: int,
-                  max_delay: float) -> AsyncIterator[list[T]]:
-    """Group items from ``recv``: a batch is sent when it holds ``max_size`` items or
-    ``max_delay`` seconds after its first item, whichever comes first."""
-    async for first in recv:
-        batch = [first]
-        with trio.move_on_after(max_delay):
-            while len(batch) < max_size:
-                try:
-                    batch.append(await recv.receive())
-                except trio.EndOfChannel:
-                    break
-        yield batch
 
 
 @attrs.frozen

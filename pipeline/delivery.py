@@ -101,11 +101,6 @@ class DeliveryStats:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
-    def summary(self) -> str:
-        return (f"delivery: delivered={self.delivered}, retried={self.retried}, "
-                f"dead={self.dead}, reconciled={self.reconciled}, "
-                f"resent in doubt={self.resent_in_doubt}, db errors={self.db_errors}, "
-                f"not recorded={self.unrecorded}, peak in flight={self.peak_in_flight}")
 
 
 @attrs.frozen

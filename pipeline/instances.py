@@ -1,9 +1,11 @@
-"""Instance settings, cached: the first step of every turn costs no round trip.
+"""Which instances exist, cached: the first check of every turn costs no round trip.
 
 The ``[[instances]]`` of the config are seeded into the ``instances`` table at start (so
-operators and other processes see them); this cache reads them back and refreshes them
-every ``context.instance_cache_ttl_s`` in the background. A failed refresh keeps the last
-good copy and is logged: settings that are a little old beat a turn that fails.
+operators and other processes see them); this cache reads the rows back and refreshes them
+every ``context.instance_cache_ttl_s`` in the background, and the context loader asks it
+only whether a turn's instance is known (the settings a turn needs, such as the webhook
+URL, are read by the context statement itself). A failed refresh keeps the last good copy
+and is logged: a list that is a little old beats a turn that fails.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class _BadLine(Exception):
     """Why one line is unreadable; turned into a LogError by the reader."""
 
 
-def _describe(value: Any) -> str:
+def _kind_of(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, dict):
@@ -111,7 +111,7 @@ def _event_from_line(raw: bytes, origin: str) -> RawEvent:
     received_at = _received_at(record["received_at"])
     log_format = record.get("format")
     if log_format not in FORMATS:
-        raise _BadLine(f"format must be 'cloud-api' or 'evolution', not {_describe(log_format)}")
+        raise _BadLine(f"format must be 'cloud-api' or 'evolution', not {_kind_of(log_format)}")
     if "body" not in record:
         raise _BadLine("body is missing")
     try:
@@ -138,7 +138,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:  # e.g. an integer with too many digits
         raise _BadLine(f"line is not valid json: {str(exc).lower()}") from exc
     if not isinstance(record, dict):
-        raise _BadLine(f"line must be a json object, not {_describe(record)}")
+        raise _BadLine(f"line must be a json object, not {_kind_of(record)}")
     return record
 
 
@@ -152,7 +152,7 @@ def _received_at(value: Any) -> dt.datetime:
     except ValueError:
         moment = None
     if moment is None:
-        raise _BadLine(f"received_at must be an iso-8601 time, not {_describe(value)}")
+        raise _BadLine(f"received_at must be an iso-8601 time, not {_kind_of(value)}")
     if moment.tzinfo is None:
         raise _BadLine(f"received_at must carry a time zone (Z or an offset), not {value!r}")
     try:
@@ -172,7 +172,7 @@ def _headers(value: Any) -> dict[str, str]:
         except BodyError as exc:
             raise _BadLine("headers hold a NUL character or a lone surrogate") from exc
         return value
-    raise _BadLine(f"headers must be an object of strings, not {_describe(value)}")
+    raise _BadLine(f"headers must be an object of strings, not {_kind_of(value)}")
 
 
 # --- putting lines back in time order -----------------------------------------------------

@@ -107,7 +107,7 @@ def _as_event(item: RawEvent | LogError) -> RawEvent | Invalid:
 
 
 @attrs.define
-class Timeline:
+class RecordedPace:
     """Maps recorded time to the replay clock: ``t0`` on the clock is ``base`` in the log."""
 
     base: dt.datetime
@@ -153,7 +153,7 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     count = 0
     window = dt.timedelta(seconds=cfg.replay.reorder_window_s)
     first, items = _first_time(merge_logs(logs, window))
-    timeline = Timeline(first or dt.datetime.now(dt.UTC), trio.current_time(), choice.speed)
+    timeline = RecordedPace(first or dt.datetime.now(dt.UTC), trio.current_time(), choice.speed)
     last = timeline.base
     if report is not None:
         report.start, report.started_at = 0.0, timeline.base

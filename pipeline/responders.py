@@ -47,7 +47,7 @@ def _where(url: str) -> str:
         return "(an invalid url)"
 
 
-def _describe(exc: Exception, timeout_s: float) -> str:
+def _failure(exc: Exception, timeout_s: float) -> str:
     if isinstance(exc, trio.TooSlowError):
         return f"no answer within {timeout_s} s"
     if isinstance(exc, AnswerError):
@@ -91,7 +91,7 @@ class OpenAIResponder:
             logger.bind(stage="respond", responder=self.name).warning(
                 "responder {!r}: POST {} failed after {} attempt(s): {}; answering with the "
                 "fallback", self.name, _where(self.url), attempts,
-                _describe(exc, self.timeout_s))
+                _failure(exc, self.timeout_s))
             return Reply(self.fallback, 0.0, fallback=True, responder=self.name)
         return Reply(text, confidence_of(finish), fallback=False, responder=self.name)
 
@@ -114,7 +114,7 @@ class OpenAIResponder:
     def _log_retry(self, attempt: int, exc: Exception, pause: float) -> None:
         logger.bind(stage="respond", responder=self.name).debug(
             "responder {!r}: attempt {} failed ({}); retrying in {:.2f} s", self.name, attempt,
-            _describe(exc, self.timeout_s), pause)
+            _failure(exc, self.timeout_s), pause)
 
 
 def build_responder(name: str, cfg: ResponderConfig,

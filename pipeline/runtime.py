@@ -1,16 +1,18 @@
 """How stages are run: welded by bounded channels, ordered per conversation, stopped safely.
 
-Two kinds of stage runner:
+Three kinds of stage runner:
 
-* :func:`sequential_stage` -- one task, items in arrival order (intake, dedupe, turn assembly,
-  outcomes: cheap work whose order across conversations matters, or batched I/O).
-* :func:`keyed_stage` -- per-conversation lanes: items with the same key are handled one at a
+* :func:`sequential_stage` -- one task, items in arrival order, one at a time.
+* :func:`batch_stage` -- one task, in arrival order, handing the handler every item already
+  waiting at once (intake: a batch of events is one inbox statement).
+* :func:`keyed_stage` -- the turn stages (context, escalation, respond, dispatch):
+  per-conversation lanes: items with the same key are handled one at a
   time in arrival order, different keys concurrently, at most ``max_active`` keys at once.
   A lane exists only while its conversation has work: when its queue is empty the lane task
   ends and its state is released, so memory follows the number of *busy* conversations,
   not the number ever seen.
 
-Both close their output when their input is exhausted and every item is out, so the end of
+All close their output when their input is exhausted and every item is out, so the end of
 a finite source drains the whole pipeline. A full output channel blocks the stage, which
 stops reading its input: backpressure reaches back to the source. A slow conversation only
 fills its own lane (``lane_capacity`` items); the others keep flowing until it is full.

@@ -36,7 +36,6 @@ class VirtualClock(trio.abc.Clock):
     def __init__(self, start: float = 0.0) -> None:
         self._now = start
         self.holds = 0
-        self.jumps = 0
 
     def start_clock(self) -> None:
         pass
@@ -49,7 +48,6 @@ class VirtualClock(trio.abc.Clock):
             return 0.0
         if self.holds == 0 and deadline != math.inf:
             self._now = deadline
-            self.jumps += 1
             return 0.0
         return _BLOCK_S
 
