@@ -20,6 +20,7 @@ import trio
 from psycopg.types.json import Jsonb
 
 from pipeline.db import DatabaseError, DatabaseUnavailable, Pool, translate
+from stages.dedupe import batch_ids, stored
 from stages.records import (
     Claim,
     ClaimCommit,
@@ -274,15 +275,8 @@ class Store:
         received later (never earlier than a row a claim has already seen), and processes on
         several machines need no synchronised clocks.
         """
-        first: dict[tuple[str, str], int] = {}
-        repeats: dict[tuple[str, str], int] = {}
-        for i, msg in enumerate(messages):
-            key = (msg.instance, msg.message_id)
-            if key in first:
-                repeats[key] = repeats.get(key, 0) + 1
-            else:
-                first[key] = i
-        fresh = [messages[i] for i in first.values()]
+        ids = batch_ids(messages)
+        fresh = ids.fresh(messages)
         senders: dict[tuple[str, str], InboundMessage] = {}
         for m in fresh:
             senders.setdefault(m.conversation_key, m)
@@ -291,18 +285,13 @@ class Store:
             "senders": [m.sender for m in fresh], "formats": [m.format for m in fresh],
             "received": [m.received_at for m in fresh],
             "messages": [Jsonb(message_json(m)) for m in fresh],
-            "repeats": [repeats.get((m.instance, m.message_id), 0) for m in fresh],
+            "repeats": [ids.repeats.get((m.instance, m.message_id), 0) for m in fresh],
             "c_instances": [k[0] for k in senders], "c_senders": [k[1] for k in senders],
             "c_names": [m.sender_name for m in senders.values()],
             "c_at": [m.received_at for m in senders.values()], "first_due": first_due,
             "stamp": stamp,
         })
-        inserted = {(r[0], r[1]) for r in rows if r[2]}
-        return [
-            Stored(m, redelivered=not (first[(m.instance, m.message_id)] == i
-                                       and (m.instance, m.message_id) in inserted))
-            for i, m in enumerate(messages)
-        ]
+        return stored(messages, ids, {(r[0], r[1]) for r in rows if r[2]})
 
     async def dead_letter(self, stage: str, invalid: Invalid, raw: str | None = None) -> None:
         await self._all(
