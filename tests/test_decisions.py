@@ -1,6 +1,7 @@
 """The decisions the stages and the webhook make, table by table, with no database and no
 event loop: the effects of a turn and the rows its commit closes, the context's failure
-policy, what an event's parts become at intake, the outcome order, and the webhook's
+policy, what an event's parts become at intake, redeliveries within a batch, the outcome
+order, and the webhook's
 credentials rule. (Turn formation and text dedupe: tests/test_turns.py; escalation before
 and after the answer: tests/test_escalation.py; delivery's classification:
 tests/test_delivery.py.)"""
@@ -18,6 +19,7 @@ import pytest
 from pipeline.config import WebhookConfig
 from pipeline.webhook import UNREAD, credentials_problem
 from stages.context import context_of, required_failure
+from stages.dedupe import batch_ids, stored
 from stages.dispatch import Messages, effects, outcomes, turn_commit
 from stages.intake import finished, sort_parts
 from stages.outcomes import canonical_key
@@ -155,6 +157,22 @@ def test_what_an_events_parts_become(parts: list[Any], messages: int, receipts: 
 def test_the_outcome_of_what_ends_at_intake(item: Any, action: str, reason: str) -> None:
     line = finished(item, AT)
     assert (line.action, line.reason, line.at) == (action, reason, AT)
+
+
+@pytest.mark.parametrize(("ids", "inserted", "redelivered"), [
+    (["a", "b"], {"a", "b"}, [False, False]),
+    (["a", "a", "b"], {"a", "b"}, [False, True, False]),  # the same id twice in one batch
+    (["a", "b"], {"b"}, [True, False]),  # "a" was in the inbox already
+    (["a", "a"], set(), [True, True]),
+])
+def test_redeliveries_within_a_batch(ids: list[str], inserted: set[str],
+                                     redelivered: list[bool]) -> None:
+    messages = [msg(i) for i in ids]
+    found = batch_ids(messages)
+    assert [m.message_id for m in found.fresh(messages)] == sorted(set(ids), key=ids.index)
+    assert sum(found.repeats.values()) == len(ids) - len(set(ids))
+    written = stored(messages, found, {("demo", i) for i in inserted})
+    assert [s.redelivered for s in written] == redelivered
 
 
 # --- outcome order --------------------------------------------------------------------------
