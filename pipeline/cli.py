@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import io
 import json
 import sys
@@ -166,17 +165,11 @@ def _report(errors: Sequence[BaseException]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """``pipeline bench``: scripts/bench.py of this checkout (a development tool, not packaged)."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    if not script.exists():
-        print(f"pipeline bench: {script} not found: it runs from a source checkout",
-              file=sys.stderr)
-        return EXIT_USAGE
-    spec = importlib.util.spec_from_file_location("pipeline_bench_script", script)
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.main(argv))
+    """``pipeline bench``: :mod:`pipeline.bench`, imported only here (it needs psutil, of the
+    test extra)."""
+    from pipeline.bench import main as bench_main
+
+    return bench_main(argv)
 
 
 def _setup_logging(cfg: Config, args: argparse.Namespace) -> None:

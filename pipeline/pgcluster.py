@@ -34,6 +34,9 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -316,6 +319,34 @@ class Use:
             return stopped
         finally:
             os.close(lock)
+
+
+# --- throwaway clusters -------------------------------------------------------------------------
+
+@contextmanager
+def throwaway_cluster(prefix: str, *, durable: bool = False,
+                      settings: Iterable[str] = ()) -> Iterator[Cluster]:
+    """A started cluster of its own in a new temporary folder, for tests, benchmarks and
+    scripts: stopped and removed afterwards, even on an error or Ctrl-C.
+
+    Its data directory is ``<folder>/data``; files kept beside it (``data_dir.parent``) go
+    with it. fsync is off unless ``durable``; ``settings`` are more ``postgresql.conf`` lines,
+    in place before the first start."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        root.chmod(0o755)  # as root the server runs as `postgres`: it must get in
+        cluster = Cluster(root / "data", durable=durable)
+        try:
+            if extra := list(settings):
+                cluster.ensure_initialized()
+                with open(cluster.data_dir / "postgresql.conf", "a") as conf:
+                    conf.write("".join(f"{line}\n" for line in extra))
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop("immediate")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- where a cluster lives ----------------------------------------------------------------------

@@ -53,10 +53,8 @@ import os
 import platform
 import queue
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -70,7 +68,7 @@ import trio
 from psycopg import pq
 
 from pipeline.db import open_pool
-from pipeline.pgcluster import Cluster
+from pipeline.pgcluster import throwaway_cluster
 
 try:
     import psycopg_pool
@@ -586,19 +584,10 @@ def database(dsn: str | None) -> Iterator[tuple[str, str]]:
     if dsn:
         yield dsn, "server from --dsn"
         return
-    scratch = Path(tempfile.mkdtemp(prefix="bench_db_"))
-    try:
-        scratch.chmod(0o755)  # the server runs as postgres when we are root
-        cluster = Cluster(scratch / "data", durable=False)
-        try:
-            log(f"starting a throwaway cluster in {cluster.data_dir} ...")
-            cluster.start()
-            version = (cluster.data_dir / "PG_VERSION").read_text().strip()
-            yield cluster.conninfo("postgres"), f"embedded PostgreSQL {version} (fsync off)"
-        finally:
-            cluster.stop(mode="immediate")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with throwaway_cluster("bench_db_") as cluster:
+        log(f"started a throwaway cluster in {cluster.data_dir}")
+        version = (cluster.data_dir / "PG_VERSION").read_text().strip()
+        yield cluster.conninfo("postgres"), f"embedded PostgreSQL {version} (fsync off)"
 
 
 @contextmanager

@@ -40,12 +40,10 @@ import attrs
 import trio
 from loguru import logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py lives here
-from bench import Server, fresh_database, measure_rtt, prepare_server, routed, throwaway_cluster
-
+from pipeline.bench import Server, fresh_database, measure_rtt, prepare_server, routed
 from pipeline.cli import bundled_day
 from pipeline.config import load_config
-from pipeline.pgcluster import SERVER_USER, Cluster
+from pipeline.pgcluster import SERVER_USER, Cluster, throwaway_cluster
 from pipeline.replay import ClockChoice, ReplayResult, replay
 
 MODES = {"faithful": ClockChoice(True), "pushed": ClockChoice(False, 100000.0)}
@@ -184,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
-    with throwaway_cluster(durable=args.fsync == "on") as pg:
+    with throwaway_cluster("pipeline-bench-", durable=args.fsync == "on") as pg:
         runs = trio.run(bench, args, pg)
     print(report(runs, args))
     return 0

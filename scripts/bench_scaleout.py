@@ -14,7 +14,7 @@ What it does, and why each part is there:
   one way (default 5) between the workers and the server's Unix socket. The benchmark itself
   (loading, watching) talks to the socket directly, not through the proxy.
 * **Workload.** ``--conversations`` x ``--messages`` from ``--seed``, made by
-  ``scripts/bench.py``'s generator (bursts, redeliveries, escalation requests). Intake's part
+  ``pipeline.bench``'s generator (bursts, redeliveries, escalation requests). Intake's part
   is done here, before the clock starts: *after* the workers are up and idle, every message
   (redeliveries too) is written to the inbox with ``Store.store_inbound`` in **one** statement,
   so every process sees all of it at once and the turns are the same in every run (the
@@ -43,7 +43,7 @@ What it does, and why each part is there:
   from the outcomes' ``timings_ms``) -- claim to commit minus the turn's waits in the
   channels between stages.
 * **Checks.** Every inbox row processed, exactly the turns the burst rule makes of the
-  workload (``scripts/bench.py``'s mirror of it), one AI interaction per answered turn, one
+  workload (``pipeline.bench``'s mirror of it), one AI interaction per answered turn, one
   outbox row per reply or hand-over, and the processes' outcome counts summing to the rows
   (a turn done twice would be reported twice).
 
@@ -61,14 +61,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +75,12 @@ import attrs
 import psutil
 import trio
 
+from pipeline import bench
 from pipeline.db import DatabaseError, open_pool
 from pipeline.engine import burst_rules, instance_rows
 from pipeline.logs import setup_logging
-from pipeline.pgcluster import Cluster, ClusterError
+from pipeline.pgcluster import Cluster, ClusterError, throwaway_cluster
 from pipeline.store import Store
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py lives here
-import bench
 
 PENDING_POLL_S = 0.01
 READY_TIMEOUT_S = 60.0
@@ -118,24 +115,9 @@ class Settings:
 
 # --- the server -------------------------------------------------------------------------------
 
-@contextmanager
-def durable_cluster() -> Iterator[Cluster]:
-    """An embedded cluster in a temporary directory, fsync on, with pg_stat_statements."""
-    root = Path(tempfile.mkdtemp(prefix="pipeline-scaleout-"))
-    root.chmod(0o755)  # as root the server runs as `postgres`: it must get in
-    cluster = Cluster(root / "data", durable=True)
-    try:
-        cluster.ensure_initialized()
-        with open(cluster.data_dir / "postgresql.conf", "a") as conf:
-            conf.write("shared_preload_libraries = 'pg_stat_statements'\n"
-                       "pg_stat_statements.track = top\n")
-        cluster.start()
-        yield cluster
-    finally:
-        try:
-            cluster.stop("immediate")
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+#: extra postgresql.conf lines: pg_stat_statements counts every statement the workers send
+STATEMENT_STATS = ("shared_preload_libraries = 'pg_stat_statements'",
+                   "pg_stat_statements.track = top")
 
 
 async def prepare(cluster: Cluster) -> bench.Server:
@@ -641,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging("WARNING")
     try:
-        with durable_cluster() as cluster:
+        with throwaway_cluster("pipeline-scaleout-", durable=True,
+                               settings=STATEMENT_STATS) as cluster:
             bench.log(f"embedded postgresql (fsync on) in {cluster.data_dir}")
             result = trio.run(run_all, settings, cluster)
     except (ClusterError, DatabaseError, ScaleoutError, bench.BenchError) as exc:

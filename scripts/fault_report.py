@@ -11,59 +11,51 @@ Prints a Markdown table; exit code 1 if anything was lost or doubled.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the scenarios live in the tests; tests/ is not a package: its modules (and their helpers,
+# e.g. tests/asgi.py) import each other as top-level modules, as pytest's rootdir makes them
+sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.pgcluster import Cluster  # noqa: E402
+import test_faults as faults  # noqa: E402
+import test_send_crash  # noqa: E402
 
-
-def scenarios(name: str = "test_faults") -> ModuleType:
-    """tests/test_faults.py (the tests folder is not a package; its helpers, e.g.
-    tests/asgi.py, are imported as top-level modules, as pytest's rootdir does)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from pipeline.pgcluster import Cluster, throwaway_cluster  # noqa: E402
 
 Row = tuple[str, Any, Any, Any, str]  # fault, acknowledged, lost, doubled, notes
 
 
-def per_seed(f: ModuleType, pg: Cluster, work: Path, seeds: list[int], name: str,
-             scenario: Any) -> Iterator[tuple[int, Any]]:
+def on_fresh_database(pg: Cluster, name: str, folder: Path, scenario: Callable[..., Any],
+                      *args: Any) -> Any:
+    """Run ``scenario(pg, db, folder, *args)`` on a fresh database, dropped after."""
+    db = faults.fresh_database(pg, name)
+    folder.mkdir()
+    try:
+        return trio.run(scenario, pg, db, folder, *args)
+    finally:
+        faults.drop_database(pg, db)
+
+
+def per_seed(pg: Cluster, work: Path, seeds: list[int], name: str,
+             scenario: Callable[..., Any]) -> Iterator[tuple[int, Any]]:
     """Run ``scenario(pg, db, folder, seed)`` for each seed, each on a fresh database."""
     for seed in seeds:
-        db = f.fresh_database(pg, name)
-        folder = work / f"{name}-{seed}"
-        folder.mkdir()
-        try:
-            result = trio.run(scenario, pg, db, folder, seed)
-        finally:
-            f.drop_database(pg, db)
-        yield seed, result
+        yield seed, on_fresh_database(pg, name, work / f"{name}-{seed}", scenario, seed)
 
 
-def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
+def crash_rows(pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
     rows: list[Row] = []
-    for seed, r in per_seed(f, pg, work, seeds, "crash", f.crash_scenario):
+    for seed, r in per_seed(pg, work, seeds, "crash", faults.crash_scenario):
         t = r.tally
         rows.append((f"SIGKILL at random points, restart (seed {seed})",
                      t.acknowledged, t.lost, t.doubled,
@@ -74,12 +66,11 @@ def crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list
     return rows
 
 
-def send_crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
+def send_crash_rows(pg: Cluster, work: Path, seeds: list[int]) -> list[Row]:
     """tests/test_send_crash.py: SIGKILLs while replies go to fakes of both channels that
     echo what they send."""
-    sends = scenarios("test_send_crash")
     rows: list[Row] = []
-    for seed, r in per_seed(f, pg, work, seeds, "sendcrash", sends.send_crash_scenario):
+    for seed, r in per_seed(pg, work, seeds, "sendcrash", test_send_crash.send_crash_scenario):
         doubled = sum((r.sends - r.delivered).values())
         lost = sum((r.delivered - r.sends).values()) + sum(r.other_rows.values())
         rows.append((f"SIGKILL between send and record, replies to echoing Cloud API and "
@@ -91,10 +82,10 @@ def send_crash_rows(f: ModuleType, pg: Cluster, work: Path, seeds: list[int]) ->
     return rows
 
 
-def outage_rows(f: ModuleType, work: Path) -> list[Row]:
+def outage_rows(work: Path) -> list[Row]:
     folder = work / "outage"
     folder.mkdir()
-    r = trio.run(f.outage_scenario, folder)
+    r = trio.run(faults.outage_scenario, folder)
     t = r.tally
     doubled = f"{t.doubled + r.sent_twice}" + (f" ({r.sent_twice} replies sent twice)"
                                                 if r.sent_twice else "")
@@ -108,14 +99,8 @@ def outage_rows(f: ModuleType, work: Path) -> list[Row]:
              f"{r.unrecorded} sends not recorded")]
 
 
-def lost_answer_rows(f: ModuleType, pg: Cluster, work: Path) -> list[Row]:
-    db = f.fresh_database(pg, "lost")
-    folder = work / "lost"
-    folder.mkdir()
-    try:
-        r = trio.run(f.lost_answer_scenario, pg, db, folder)
-    finally:
-        f.drop_database(pg, db)
+def lost_answer_rows(pg: Cluster, work: Path) -> list[Row]:
+    r = on_fresh_database(pg, "lost", work / "lost", faults.lost_answer_scenario)
     stuck = not r.processed_in_run
     return [("database connection cut after the inbox write committed", 3,
              "0" + (" (1 stuck pending until the next start)" if stuck else ""), 0,
@@ -128,16 +113,10 @@ def _lat(values: list[float]) -> str:
     return f"max {max(values):.2f} s" if values else "none"
 
 
-def deps_rows(f: ModuleType, pg: Cluster, work: Path) -> list[Row]:
-    db = f.fresh_database(pg, "deps")
-    folder = work / "deps"
-    folder.mkdir()
-    try:
-        r = trio.run(f.dependency_scenario, pg, db, folder)
-    finally:
-        f.drop_database(pg, db)
+def deps_rows(pg: Cluster, work: Path) -> list[Row]:
+    r = on_fresh_database(pg, "deps", work / "deps", faults.dependency_scenario)
     t = r.tally
-    healthy = [s for name in f.HEALTHY for s in r.latency_s.get(name, [])]
+    healthy = [s for name in faults.HEALTHY for s in r.latency_s.get(name, [])]
     dead = sum(len(v) for v in r.dead_reasons.values())
     affected = ", ".join(f"{name} {_lat(r.latency_s.get(name, []))}"
                          for name in ("down", "slow", "e500", "e429", "ai500", "aislow"))
@@ -149,18 +128,13 @@ def deps_rows(f: ModuleType, pg: Cluster, work: Path) -> list[Row]:
              f"fallback answers {sum(r.fallbacks.values())}")]
 
 
-def sigterm_rows(f: ModuleType, pg: Cluster, work: Path) -> list[Row]:
+def sigterm_rows(pg: Cluster, work: Path) -> list[Row]:
     rows: list[Row] = []
     for label, kwargs in (("SIGTERM under load (grace 5 s)", {"grace_s": 5.0}),
                           ("SIGTERM with turns in flight (answers take 1.5 s, grace 1 s)",
                            {"grace_s": 1.0, "ai_delay_s": 1.5, "signal_after": 40})):
-        db = f.fresh_database(pg, "term")
-        folder = work / f"term-{len(rows)}"
-        folder.mkdir()
-        try:
-            r = trio.run(partial(f.sigterm_scenario, **kwargs), pg, db, folder)
-        finally:
-            f.drop_database(pg, db)
+        r = on_fresh_database(pg, "term", work / f"term-{len(rows)}",
+                              partial(faults.sigterm_scenario, **kwargs))
         t = r.tally
         rows.append((label, t.acknowledged, t.lost, t.doubled,
                      f"exit {r.exit_code} {r.drain_s:.2f} s after the signal; "
@@ -194,32 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ("crash", "sends", "outage", "deps", "sigterm", "lost")
     parser.add_argument("--only", nargs="+", choices=kinds, default=list(kinds))
     args = parser.parse_args(argv)
-    f = scenarios()
-    root = Path(tempfile.mkdtemp(prefix="pipeline-faults-"))
-    root.chmod(0o755)  # the server runs as `postgres` when we are root: it must get in
-    work = root / "work"
-    work.mkdir()
-    pg = Cluster(root / "data", durable=False)
     started = time.monotonic()
     rows: list[Row] = []
-    try:
-        pg.start()
-        f.make_template(pg)
+    with throwaway_cluster("pipeline-faults-") as pg:
+        work = pg.data_dir.parent / "work"  # removed with the cluster
+        work.mkdir()
+        faults.make_template(pg)
         if "crash" in args.only:
-            rows += crash_rows(f, pg, work, args.seeds)
+            rows += crash_rows(pg, work, args.seeds)
         if "sends" in args.only:
-            rows += send_crash_rows(f, pg, work, args.seeds)
+            rows += send_crash_rows(pg, work, args.seeds)
         if "outage" in args.only:
-            rows += outage_rows(f, work)
+            rows += outage_rows(work)
         if "deps" in args.only:
-            rows += deps_rows(f, pg, work)
+            rows += deps_rows(pg, work)
         if "sigterm" in args.only:
-            rows += sigterm_rows(f, pg, work)
+            rows += sigterm_rows(pg, work)
         if "lost" in args.only:
-            rows += lost_answer_rows(f, pg, work)
-    finally:
-        pg.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
+            rows += lost_answer_rows(pg, work)
     print(table(rows))
     print(f"\n{len(rows)} scenarios in {time.monotonic() - started:.0f} s")
     return 1 if any(str(row[2]) != "0" or str(row[3]) != "0" for row in rows) else 0

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -16,7 +13,7 @@ import trio
 
 from pipeline.db import Pool, open_pool
 from pipeline.migrate import migrate
-from pipeline.pgcluster import Cluster
+from pipeline.pgcluster import Cluster, throwaway_cluster
 from pipeline.store import Store
 
 TEMPLATE = "pipeline_template"
@@ -26,16 +23,9 @@ _numbers = itertools.count()
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """A private cluster for the whole session (fsync off), removed at the end."""
-    root = Path(tempfile.mkdtemp(prefix="pipeline-test-"))
-    root.chmod(0o755)  # the server runs as `postgres` when we are root: it must get in
-    pg = Cluster(root / "data", durable=False)
-    pg.start()
-    try:
+    with throwaway_cluster("pipeline-test-") as pg:
         trio.run(_make_template, pg)
         yield pg
-    finally:
-        pg.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _make_template(pg: Cluster) -> None:

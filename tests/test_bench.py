@@ -9,11 +9,9 @@ from collections import Counter
 
 import pytest
 from conftest import TEMPLATE
-from test_latency_proxy import load_script
 
+from pipeline import bench
 from pipeline.pgcluster import Cluster
-
-bench = load_script("bench")
 
 ISSUE_KEYS = {"msgs_per_s", "context_p50_ms", "e2e_p99_ms", "round_trips_per_msg",
               "peak_connections", "pool_size", "peak_rss_mb", "errors"}

@@ -1,10 +1,9 @@
 """The decisions the stages and the webhook make, table by table, with no database and no
 event loop: the effects of a turn and the rows its commit closes, the context's failure
 policy, what an event's parts become at intake, redeliveries within a batch, the outcome
-order, and the webhook's
-credentials rule. (Turn formation and text dedupe: tests/test_turns.py; escalation before
-and after the answer: tests/test_escalation.py; delivery's classification:
-tests/test_delivery.py.)"""
+order, and the webhook's credentials rule. (Turn formation and text dedupe:
+tests/test_turns.py; escalation before and after the answer: tests/test_escalation.py;
+delivery's classification: tests/test_delivery.py.)"""
 
 from __future__ import annotations
 

@@ -444,15 +444,32 @@ async def test_concurrency_is_bounded(receiver: Receiver, outbox: OutboxStore,
     assert (run.stats.peak_in_flight, receiver.peak_active) == (2, 2)
 
 
-async def test_notify_wakes_the_task_before_the_poll(receiver: Receiver, outbox: OutboxStore,
+class LookingOutbox(OutboxStore):
+    """The real outbox statements; ``looks`` has the number of rows each claim returned."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool, query_timeout_s=5.0)
+        self.looks: list[int] = []
+
+    async def claim(self, limit: int, **kwargs: Any) -> list[OutboxRow]:
+        rows = await super().claim(limit, **kwargs)
+        self.looks.append(len(rows))
+        return rows
+
+
+async def test_notify_wakes_the_task_before_the_poll(receiver: Receiver, pool: Pool,
                                                      conninfo: str) -> None:
+    outbox = LookingOutbox(pool)
     async with delivering(make_config(receiver.url, poll_interval_s=30.0), outbox) as run:
-        await trio.sleep(0.05)  # the task has looked once and sleeps for 30 s
+        # the task has looked once, found nothing, and sleeps for 30 s (it reaches the wait
+        # with no checkpoint after the claim returns)
+        await until(lambda: outbox.looks == [0])
         add_row(conninfo, "t1:reply", conversation(conninfo, "5511999"), "5511999")
         notified = trio.current_time()
         run.wake.notify()
         await until(lambda: run.stats.delivered == 1, timeout_s=2.0)
     assert receiver.hits[0].at - notified < 0.5
+    assert outbox.looks[:2] == [0, 1]  # the notice, not a poll, made the second look
 
 
 # --- shutdown and cancellation ----------------------------------------------------------------

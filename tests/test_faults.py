@@ -33,12 +33,10 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -55,7 +53,7 @@ from asgi import read_request
 
 from pipeline.config import embedded_default, load_config
 from pipeline.engine import instance_directory
-from pipeline.pgcluster import Cluster
+from pipeline.pgcluster import Cluster, throwaway_cluster
 from stages.parse import InstanceDirectory, parse_event
 from stages.records import InboundMessage, RawEvent
 
@@ -700,12 +698,6 @@ def use_chat_endpoint(text: str, url: str) -> str:
     return text.replace('responder = "rules"', 'responder = "assistant"')
 
 
-def throwaway_cluster() -> tuple[Cluster, Path]:
-    root = Path(tempfile.mkdtemp(prefix="pipeline-outage-"))
-    root.chmod(0o755)  # the server runs as `postgres` when we are root: it must get in
-    return Cluster(root / "data", durable=False), root
-
-
 def new_messages(directory: InstanceDirectory, tag: str, senders: int = 20) -> Iterator[Post]:
     """An endless stream of new messages over ``senders`` senders of both instances."""
     for n in itertools.count():
@@ -726,9 +718,7 @@ async def outage_scenario(workdir: Path, *, outage_s: float = 4.0) -> OutageResu
     the server is stopped while both are busy: the outage finds turns at every stage
     (in the burst buffer, loading their context, waiting for the answer, committing) and
     replies being sent."""
-    pg, root = throwaway_cluster()
-    pg.start()
-    try:
+    with throwaway_cluster("pipeline-outage-") as pg:
         with psycopg.connect(pg.conninfo(), autocommit=True) as admin:
             admin.execute(b"CREATE DATABASE pipeline")
         conninfo = pg.conninfo("pipeline")
@@ -802,9 +792,6 @@ async def outage_scenario(workdir: Path, *, outage_s: float = 4.0) -> OutageResu
             sum(sends.values()), sum(rows.values()),
             sum(max(0, n - rows[number]) for number, n in sends.items()),
             log.count("cannot record delivered"))
-    finally:
-        pg.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

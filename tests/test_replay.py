@@ -90,7 +90,9 @@ async def test_ten_times_faster_on_the_real_clock(cluster: Cluster, tmp_path: Pa
     result = await replay(config_on(cluster, tmp_path), [log], clock=ClockChoice(False, 10))
     took = trio.current_time() - start
     assert 0.5 < took < 5  # ~1 s of real time for ~10 s of recorded time (+ set-up)
-    assert result.sink.total > 0
+    # one outcome per line (each holds one message or event); which are merged depends on
+    # the real clock, so only the total is exact
+    assert result.sink.total == 6
 
 
 def test_clock_option() -> None:
