@@ -18,7 +18,8 @@ only after its send returned. A send cancelled midway leaves the row pending and
 recorded shielded too, so a shutdown does not throw away a delivery that happened. A resend
 is harmless to the receiver: it carries the same idempotency key.
 
-While the database is unavailable, recording keeps trying (:data:`RECORD_RETRY`, the lane
+While the database is unavailable, recording keeps trying (``[database]
+unavailable_retry_s``, the lane
 stays busy meanwhile) -- but no shielded statement outlives the shutdown: once ``stopping``
 is set, what is still being recorded gets ``pipeline.shutdown_grace_s`` more; once the task
 is cancelled (the grace of the whole process ran out, or a second signal), one statement's
@@ -47,13 +48,11 @@ from pipeline.config import Config, DispatchConfig, InstanceConfig
 from pipeline.db import DatabaseError
 from pipeline.outbox import OutboxRow, OutboxStore
 from pipeline.pacing import Pacer
+from pipeline.rules import database_retry
 from pipeline.transports import Sender, SendResult
 
 if TYPE_CHECKING:
     from loguru import Logger
-
-#: how long a finished send keeps trying to record its result during a database outage
-RECORD_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
 
 #: lease of a claimed row beyond the send and the statement that records it
 LEASE_MARGIN_S = 1.0
@@ -145,6 +144,8 @@ class _Delivery:
     stats: DeliveryStats
     rng: random.Random
     grace_s: float = math.inf  # what shielded statements get once `stopping` is set
+    #: how long a finished send keeps trying to record its result during a database outage
+    record_retry: Backoff | None = None
     policy: Backoff = attrs.field(init=False)
     lanes: set[int] = attrs.field(factory=set, init=False)  # conversations being sent
     retries_due: list[float] = attrs.field(factory=list, init=False)  # heap of trio times
@@ -311,7 +312,7 @@ class _Delivery:
         lane stays busy here meanwhile), because a send that is not recorded is sent again
         once the row's lease ends, and the user would get the same reply twice."""
         try:
-            await with_retry(lambda: self._apply(row, step), RECORD_RETRY, "delivery")
+            await with_retry(lambda: self._apply(row, step), self.record_retry, "delivery")
         except DatabaseError as exc:  # sent again when the lease ends
             self._unrecorded(row, step, str(exc))
 
@@ -371,7 +372,7 @@ async def run_delivery(cfg: Config, outbox: OutboxStore, *, wake: Notifier,
                                      trust_env=False) as client:
             sender = Sender(dispatch, instances_by_name(cfg), client)
             delivery = _Delivery(outbox, sender, dispatch, wake, stats, rng or random.Random(),
-                                 cfg.pipeline.shutdown_grace_s)
+                                 cfg.pipeline.shutdown_grace_s, database_retry(cfg.database))
             watchers.start_soon(delivery.watch_shutdown, stopping)
             async with trio.open_nursery() as sends:
                 task_status.started(stats)

@@ -13,7 +13,7 @@ outermost, the stages inside a cancel scope that a shutdown gives a deadline.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -23,19 +23,24 @@ import trio
 from loguru import logger
 
 from pipeline.claims import Claimer, Watermark, WorkClock, wall_clock
-from pipeline.concurrency import Backoff
 from pipeline.config import Config
 from pipeline.context import ContextBatcher, ContextLoader
 from pipeline.db import DatabaseError
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.instances import InstanceCache
 from pipeline.intake import Intake
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, StageMetrics
 from pipeline.outbox import OutboxStore
 from pipeline.responders import build_responder
 from pipeline.retention import RetentionStore, run_retention
 from pipeline.retried import RetriedCommits, RetriedContexts
-from pipeline.rules import burst_rules, dry_instances, escalation_rules, instance_directory
+from pipeline.rules import (
+    burst_rules,
+    database_retry,
+    dry_instances,
+    escalation_rules,
+    instance_directory,
+)
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
 from stages.context import LoadContext
@@ -60,9 +65,6 @@ def responders(cfg: Config, client: httpx.AsyncClient | None) -> dict[str, Respo
     return {i.name: built[i.responder] for i in cfg.instances}
 
 
-#: while the database is unavailable, stages wait and retry (about two minutes) rather
-#: than fail their turns; a turn that still fails is released, due again after a pause
-DB_RETRY = Backoff(attempts=60, initial_s=0.1, max_s=5.0, deadline_s=120.0)
 #: time kept back from the shutdown grace to give the leases of cancelled turns back
 RELEASE_S = 1.0
 
@@ -212,7 +214,8 @@ class Pipeline:
             if claimer is not None:
                 claimer.wake.due(due)
 
-        intake = Intake(self.store, instance_directory(cfg), done.clone(), DB_RETRY,
+        intake = Intake(self.store, instance_directory(cfg), done.clone(),
+                        database_retry(cfg.database),
                         rules.first_due, stored,
                         watermark.advance if watermark is not None else lambda latest: None,
                         receipts=not all(dry_instances(cfg).values()),
@@ -227,7 +230,9 @@ class Pipeline:
         await nursery.start(_intake, intake, raw_r, done.clone(), m, cap, intake_ended)
         return Inlets(raw, done, self.stopping, stored, self.wake.notify)
 
-    async def _start_turn_stages(self, nursery: trio.Nursery, turns: Any, done: Any,
+    async def _start_turn_stages(self, nursery: trio.Nursery,
+                                 turns: trio.MemoryReceiveChannel[Turn],
+                                 done: trio.MemorySendChannel[Outcome],
                                  http: httpx.AsyncClient, claimer: Claimer) -> None:
         """context → escalation → respond → dispatch, each turn of a different conversation
         (a claim hands out one turn per conversation at a time)."""
@@ -257,24 +262,26 @@ class Pipeline:
                                             min_confidence=min_conf)
             await nursery.start(loader.batcher.run)
         rules = escalation_rules(cfg)
-        handlers = [
-            ("context", LoadContext(RetriedContexts(loader, DB_RETRY))),
-            ("escalation", Escalation(rules)),
-            ("respond", Respond(self.responders or responders(cfg, http), rules)),
-        ]
-        recv = turns
-        for name, handler in handlers:
-            send, next_recv = trio.open_memory_channel[Any](cap)
-            then = loader.batcher.close if name == "context" and loader.batcher else None
-            await nursery.start(_call, keyed_stage, handler, recv, send, m.stage(name), keyed,
-                                then)
-            recv = next_recv
         clock = claimer.clock
-        dispatch = Dispatch(RetriedCommits(store, DB_RETRY), handover, dry_instances(cfg),
-                            claimer.finished, (lambda: None) if clock.database else clock.now,
-                            burst_rules(cfg).first_due, self.wake.notify)
-        await nursery.start(_call, keyed_stage, dispatch, recv, done, m.stage("dispatch"), keyed,
-                            instances.close)
+        path = [
+            TurnStage("context", LoadContext(RetriedContexts(loader, database_retry(cfg.database))),
+                      loader.batcher.close if loader.batcher else None),
+            TurnStage("escalation", Escalation(rules)),
+            TurnStage("respond", Respond(self.responders or responders(cfg, http), rules)),
+            TurnStage("dispatch", Dispatch(
+                RetriedCommits(store, database_retry(cfg.database)), handover, dry_instances(cfg),
+                claimer.finished, (lambda: None) if clock.database else clock.now,
+                burst_rules(cfg).first_due, self.wake.notify), instances.close),
+        ]
+        recv: trio.MemoryReceiveChannel[Turn] = turns
+        for stage in path:
+            if stage is path[-1]:
+                await nursery.start(_run_turn_stage, stage, recv, done, m.stage(stage.name),
+                                    keyed)
+                break
+            send, next_recv = trio.open_memory_channel[Turn](cap)
+            await nursery.start(_run_turn_stage, stage, recv, send, m.stage(stage.name), keyed)
+            recv = next_recv
 
 
 async def _run_source(source: Source, inlets: Inlets) -> None:
@@ -296,12 +303,22 @@ async def _intake(intake: Intake, recv: Any, send: Any, metrics: Metrics, cap: i
         ended()
 
 
-async def _call(runner: Any, handler: Any, recv: Any, send: Any, stats: Any,
-                kwargs: dict[str, Any], then: Callable[[], None] | None,
-                task_status: trio.TaskStatus[None]) -> None:
-    """Run a stage; ``then`` (e.g. closing a helper service) runs when it has ended."""
+@attrs.frozen
+class TurnStage:
+    """One stage of the turn path: ``handler`` takes a turn and gives what goes on (turns;
+    outcomes for the last), in per-conversation lanes; ``ended`` runs once it has stopped
+    (a helper service it used closes then)."""
+
+    name: str
+    handler: Callable[[Turn], Awaitable[Sequence[Any]]]
+    ended: Callable[[], None] | None = None
+
+
+async def _run_turn_stage(stage: TurnStage, recv: trio.MemoryReceiveChannel[Turn],
+                          send: trio.MemorySendChannel[Any], stats: StageMetrics,
+                          keyed: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
     try:
-        await runner(handler, recv, send, stats, task_status=task_status, **kwargs)
+        await keyed_stage(stage.handler, recv, send, stats, task_status=task_status, **keyed)
     finally:
-        if then is not None:
-            then()
+        if stage.ended is not None:
+            stage.ended()

@@ -1,5 +1,5 @@
 """The store as the stages see it: the calls of their small protocols, each retried with
-backoff while the database is unavailable (``pipeline.engine.DB_RETRY``: about two minutes),
+backoff while the database is unavailable (``[database] unavailable_retry_s``),
 so that a stage never knows about connections, errors of the database or retries."""
 
 from __future__ import annotations

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pipeline.config import BusinessHoursConfig, Config, EscalationConfig, InstanceConfig
+from pipeline.concurrency import Backoff
+from pipeline.config import (
+    BusinessHoursConfig,
+    Config,
+    DatabaseConfig,
+    EscalationConfig,
+    InstanceConfig,
+)
 from stages.escalation import BusinessHours, EscalationRules
 from stages.parse import InstanceDirectory
 from stages.turns import BurstRules
@@ -47,3 +54,10 @@ def dry_instances(cfg: Config) -> dict[str, bool]:
 
 def instance_directory(cfg: Config) -> InstanceDirectory:
     return InstanceDirectory(cfg.instance_by_phone_number_id, cfg.instance_by_evolution_name)
+
+
+def database_retry(cfg: DatabaseConfig) -> Backoff:
+    """The one budget of work waiting for an unavailable database: the turn stages, intake
+    and recording what a send did all retry with it."""
+    return Backoff(attempts=1_000_000, initial_s=0.1, max_s=5.0,
+                   deadline_s=cfg.unavailable_retry_s)

@@ -66,6 +66,10 @@ class DatabaseConfig:
     connect_timeout_s: float = setting(5.0, "time to connect", gt=0)
     query_timeout_s: float = setting(5.0, "time one query may take", gt=0)
     migrate_on_start: bool = setting(True, "apply pending migrations at start")
+    unavailable_retry_s: float = setting(
+        120.0, "while the database is unavailable, work waits this long (retrying with "
+        "backoff, 0.1 s growing to 5 s) before a turn is given back or a send's outcome is "
+        "left unrecorded", gt=0)
 
 
 @attrs.frozen
