@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import escalation_rules, instance_directory, responders  # noqa: E402
+from pipeline.engine import responders  # noqa: E402
 from pipeline.recorded_log import merge_logs  # noqa: E402
+from pipeline.rules import escalation_rules, instance_directory  # noqa: E402
 from stages.escalation import after_answer, decide  # noqa: E402
 from stages.parse import parse_event  # noqa: E402
 from stages.records import (  # noqa: E402

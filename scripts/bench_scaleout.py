@@ -77,9 +77,10 @@ import trio
 
 from pipeline import bench
 from pipeline.db import DatabaseError, open_pool
-from pipeline.engine import burst_rules, instance_rows
+from pipeline.engine import instance_rows
 from pipeline.logs import setup_logging
 from pipeline.pgcluster import Cluster, ClusterError, throwaway_cluster
+from pipeline.rules import burst_rules
 from pipeline.store import Store
 
 PENDING_POLL_S = 0.01

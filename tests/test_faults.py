@@ -52,8 +52,8 @@ import trio
 from asgi import read_request
 
 from pipeline.config import embedded_default, load_config
-from pipeline.engine import instance_directory
 from pipeline.pgcluster import Cluster, throwaway_cluster
+from pipeline.rules import instance_directory
 from stages.parse import InstanceDirectory, parse_event
 from stages.records import InboundMessage, RawEvent
 
