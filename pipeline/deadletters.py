@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import attrs
 
-from pipeline.outbox import Statements
+from pipeline.store import Statements
 
 
 @attrs.frozen
@@ -58,7 +58,7 @@ MEANING: dict[Verdict, str] = {
 
 
 class DeadLetters(Statements):
-    """The statements (one per call, see :class:`pipeline.outbox.Statements`)."""
+    """The statements (one per call, see :class:`pipeline.store.Statements`)."""
 
     async def list(self, *, every: bool = False, limit: int = 100) -> list[DeadLetter]:
         """The open dead letters, oldest first (``every``: retried and discarded too)."""

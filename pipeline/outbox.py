@@ -15,16 +15,12 @@ alone, and a crash mid-send only delays the row until the lease ends -- it is ne
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Collection
 from typing import Any, Literal
 
 import attrs
-import psycopg
-import trio
 
-from pipeline.db import Pool, translate
-from pipeline.store import QueryTimeout
+from pipeline.store import Statements
 
 OutboxKind = Literal["reply", "handover", "webhook"]
 
@@ -66,35 +62,6 @@ class OutboxRow:
         if self.conversation_id is None:
             return -self.id
         return self.conversation_id * 2 + (1 if self.kind == "webhook" else 0)
-
-
-class Statements:
-    """One statement a call on a pooled connection, under ``query_timeout_s``, psycopg errors
-    translated; ``round_trips`` counts them. The base of the background tasks' stores."""
-
-    def __init__(self, pool: Pool, query_timeout_s: float) -> None:
-        self.pool = pool
-        self.query_timeout_s = query_timeout_s
-        self.round_trips = 0
-
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        try:
-            with trio.fail_after(self.query_timeout_s):
-                async with self.pool.connection() as conn:
-                    self.round_trips += 1
-                    yield conn
-        except trio.TooSlowError:
-            raise QueryTimeout(
-                f"database did not answer within {self.query_timeout_s} s"
-            ) from None
-        except psycopg.Error as exc:
-            raise translate(exc) from exc
-
-    async def _all(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        async with self._conn() as conn:
-            cur = await conn.execute(sql, params)
-            return await cur.fetchall() if cur.description else []
 
 
 class OutboxStore(Statements):

@@ -27,7 +27,7 @@ from loguru import logger
 
 from pipeline.config import RetentionConfig
 from pipeline.db import DatabaseError
-from pipeline.outbox import Statements
+from pipeline.store import Statements
 
 Kind = Literal["inbox", "outbox", "dead outbox", "dead letters"]
 

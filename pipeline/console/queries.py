@@ -11,7 +11,7 @@ import attrs
 from psycopg.types.json import Jsonb
 
 from pipeline.console.auth import PHONE
-from pipeline.outbox import Statements
+from pipeline.store import Statements
 
 EntryKind = Literal["user", "assistant", "handover", "human", "note", "opened", "resolved"]
 
