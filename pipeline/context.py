@@ -10,8 +10,8 @@ load's policy exactly.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -22,7 +22,6 @@ from pipeline.config import ContextConfig, LoadConfig
 from pipeline.db import DatabaseError, DatabaseUnavailable
 from pipeline.instances import InstanceCache
 from pipeline.metrics import Metrics
-from pipeline.store import Store
 from stages.context import DEFAULTS, Policy, context_of, required_failure
 from stages.records import Turn, TurnContext
 
@@ -44,11 +43,41 @@ def _seconds(load: LoadConfig) -> float:
     return load.timeout_ms / 1000
 
 
+class ContextQueries(Protocol):
+    """The statements a context load uses (:class:`pipeline.store.Store` has them; a test
+    puts faults in between by implementing this)."""
+
+    async def load_context(self, turn: Turn, history_chars: int, recent_interactions: int,
+                           min_confidence: float = 0.0,
+                           timeout: float | None = None) -> TurnContext: ...
+
+    async def load_contexts(self, turns: Sequence[Turn], history_chars: int,
+                            recent_interactions: int, min_confidence: float = 0.0,
+                            timeout: float | None = None) -> list[TurnContext]: ...
+
+    async def upsert_conversation(self, turn: Turn, timeout: float | None = None) -> int: ...
+
+    async def load_history(self, conversation_id: int, turn_id: str, chars: int,
+                           timeout: float | None = None) -> str: ...
+
+    async def load_webhook(self, instance: str, timeout: float | None = None) -> str: ...
+
+    async def load_escalated(self, conversation_id: int,
+                             timeout: float | None = None) -> bool: ...
+
+    async def load_fallbacks(self, conversation_id: int, turn_id: str, n: int,
+                             min_confidence: float = 0.0,
+                             timeout: float | None = None) -> tuple[bool, ...]: ...
+
+    async def store_user_messages(self, conversation_id: int, turn: Turn,
+                                  timeout: float | None = None) -> None: ...
+
+
 @attrs.define
 class ContextLoader:
     """Loads a turn's context in the configured mode (the stage calls :meth:`load`)."""
 
-    store: Store
+    store: ContextQueries
     cfg: ContextConfig
     instances: InstanceCache
     min_confidence: float = 0.0  # an answer below it counts as failed ([escalation])
@@ -144,7 +173,7 @@ class ContextBatcher:
     conversation (a conversation has one turn in flight at a time).
     """
 
-    store: Store
+    store: ContextQueries
     cfg: ContextConfig
     concurrency: int
     min_confidence: float = 0.0

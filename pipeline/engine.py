@@ -24,7 +24,7 @@ from loguru import logger
 
 from pipeline.claims import Claimer, Watermark, WorkClock, wall_clock
 from pipeline.config import Config
-from pipeline.context import ContextBatcher, ContextLoader
+from pipeline.context import ContextBatcher, ContextLoader, ContextQueries
 from pipeline.db import DatabaseError
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.instances import InstanceCache
@@ -44,7 +44,7 @@ from pipeline.rules import (
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
 from stages.context import LoadContext
-from stages.dispatch import Dispatch, Messages
+from stages.dispatch import Commits, Dispatch, Messages
 from stages.escalation import Escalation
 from stages.outcomes import OutcomeSink, collect_outcomes
 from stages.records import Invalid, Outcome, RawEvent, Turn
@@ -122,6 +122,9 @@ class Pipeline:
     roles: frozenset[str] = frozenset({"webhook", "turns", "delivery"})
     #: each instance's responder, instead of those the config builds (simulations)
     responders: dict[str, Responder] | None = None
+    #: what the context stage and dispatch use instead of the store (tests put faults there)
+    context_queries: ContextQueries | None = None
+    commits: Commits | None = None
     stopping: trio.Event = attrs.field(factory=trio.Event, init=False)
     wake: Notifier = attrs.field(factory=Notifier, init=False)
     deliveries: DeliveryStats = attrs.field(factory=DeliveryStats, init=False)
@@ -255,21 +258,23 @@ class Pipeline:
         instances = InstanceCache(store, cfg.context.instance_cache_ttl_s)
         await nursery.start(instances.run)
         min_conf = cfg.escalation.min_confidence
-        loader = self.loader = ContextLoader(store, cfg.context, instances, min_conf, m)
+        queries = self.context_queries or store
+        loader = self.loader = ContextLoader(queries, cfg.context, instances, min_conf, m)
         if cfg.context.mode == "batched":
-            loader.batcher = ContextBatcher(store, cfg.context,
+            loader.batcher = ContextBatcher(queries, cfg.context,
                                             concurrency=max(1, cfg.database.pool_size // 2),
                                             min_confidence=min_conf)
             await nursery.start(loader.batcher.run)
         rules = escalation_rules(cfg)
         clock = claimer.clock
+        retry = database_retry(cfg.database)
         path = [
-            TurnStage("context", LoadContext(RetriedContexts(loader, database_retry(cfg.database))),
+            TurnStage("context", LoadContext(RetriedContexts(loader, retry)),
                       loader.batcher.close if loader.batcher else None),
             TurnStage("escalation", Escalation(rules)),
             TurnStage("respond", Respond(self.responders or responders(cfg, http), rules)),
             TurnStage("dispatch", Dispatch(
-                RetriedCommits(store, database_retry(cfg.database)), handover, dry_instances(cfg),
+                RetriedCommits(self.commits or store, retry), handover, dry_instances(cfg),
                 claimer.finished, (lambda: None) if clock.database else clock.now,
                 burst_rules(cfg).first_due, self.wake.notify), instances.close),
         ]

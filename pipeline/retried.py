@@ -7,16 +7,16 @@ from __future__ import annotations
 import attrs
 
 from pipeline.concurrency import Backoff, with_retry
-from pipeline.store import Store
 from stages.context import Contexts
+from stages.dispatch import Commits
 from stages.records import ClaimCommit, Committed, Turn, TurnContext
 
 
 @attrs.frozen
 class RetriedCommits:
-    """:class:`stages.dispatch.Commits` over the store."""
+    """:class:`stages.dispatch.Commits` over the store (or another ``Commits``)."""
 
-    store: Store
+    store: Commits
     retry: Backoff | None
 
     async def commit_claim(self, commit: ClaimCommit) -> Committed:

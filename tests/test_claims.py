@@ -29,11 +29,12 @@ from pipeline.engine import Inlets, Pipeline
 from pipeline.rules import burst_rules
 from pipeline.store import ClaimConflict, ClaimRequest, Store
 from pipeline.vclock import VirtualClock
-from stages.dispatch import Messages, effects, turn_commit
+from stages.dispatch import Commits, Messages, effects, turn_commit
 from stages.outcomes import OutcomeSink
 from stages.records import (
     Claim,
     ClaimCommit,
+    Committed,
     Decision,
     InboundMessage,
     Outcome,
@@ -116,7 +117,8 @@ class Live:
 
 
 @asynccontextmanager
-async def live(store: Store, cfg: Config, responder: Any) -> AsyncIterator[Live]:
+async def live(store: Store, cfg: Config, responder: Any,
+               commits: Commits | None = None) -> AsyncIterator[Live]:
     t0 = trio.current_time()
 
     def now() -> dt.datetime:
@@ -128,7 +130,7 @@ async def live(store: Store, cfg: Config, responder: Any) -> AsyncIterator[Live]
     seen: list[Outcome] = []
     sink = OutcomeSink(observers=[lambda o, _: seen.append(o)])
     pipeline = Pipeline(cfg, store, sink, clock=WorkClock(now, at), poll_s=0.2, finite=False,
-                        responders={"demo": responder})
+                        responders={"demo": responder}, commits=commits)
     send, recv = trio.open_memory_channel[RawEvent](16)
 
     async def source(inlets: Inlets) -> None:
@@ -184,18 +186,19 @@ async def test_a_redelivery_during_and_after_its_turn_is_answered_once(
 # --- 3. a failed turn, then a redelivery -------------------------------------------------------
 
 
-class FailingOnce(Store):
-    """The real store, but the first commit of a turn fails."""
+class FailingOnce:
+    """Commits (:class:`stages.dispatch.Commits`) through the real store, but the first
+    commit of a turn fails."""
 
     def __init__(self, store: Store) -> None:
-        super().__init__(store.pool, store.query_timeout_s)
+        self.store = store
         self.failures = 0
 
-    async def commit_claim(self, commit: ClaimCommit) -> Any:
+    async def commit_claim(self, commit: ClaimCommit) -> Committed:
         if commit.effects is not None and not self.failures:
             self.failures += 1
             raise DatabaseError("commit failed on purpose")
-        return await super().commit_claim(commit)
+        return await self.store.commit_claim(commit)
 
 
 async def test_a_failed_turn_and_its_redelivered_text_are_answered_not_closed_as_a_repeat(
@@ -207,7 +210,7 @@ async def test_a_failed_turn_and_its_redelivered_text_are_answered_not_closed_as
     failing = FailingOnce(store)
     gate = Gate("nobody")
     gate.opened.set()
-    async with live(failing, config(), gate) as run:
+    async with live(store, config(), gate, failing) as run:
         body = cloud("01_text.json", "5511977776666", "wamid.retry", "what is the price?")
         await run.post(body)
         with trio.fail_after(30):

@@ -15,6 +15,7 @@ from test_pipeline import SAMPLE_ACTIONS, log_source, make_config
 
 from pipeline.cli import sample_log
 from pipeline.config import Config, parse_config
+from pipeline.context import ContextQueries
 from pipeline.db import DatabaseError, DatabaseUnavailable, open_pool
 from pipeline.engine import Pipeline
 from pipeline.store import Store
@@ -37,9 +38,10 @@ def mode_config(mode: str, **context: Any) -> Config:
     return parse_config(data, "test")
 
 
-async def replay(store: Store, cfg: Config) -> tuple[list[str], Pipeline]:
+async def replay(store: Store, cfg: Config, queries: ContextQueries | None = None,
+                 ) -> tuple[list[str], Pipeline]:
     sink = OutcomeSink(out=io.StringIO())
-    pipeline = Pipeline(cfg, store, sink)
+    pipeline = Pipeline(cfg, store, sink, context_queries=queries)
     await pipeline.run(log_source(sample_log()))
     assert sink.out is not None
     lines = []
@@ -72,25 +74,19 @@ async def test_every_mode_gives_identical_outcomes(store: Store, conninfo: str) 
 
 #: the statements outside the context stage: how many of them there are depends on how
 #: intake's batches fell and when a claim looked, not on the context mode
-NOT_CONTEXT = ("claim", "release", "store_inbound", "commit_claim", "dead_letter",
-               "seed_instances", "load_instances", "renew", "release_all")
-
-
-class ContextCountingStore(Store):
-    """The real store; counts the calls made outside the context stage (one statement
-    each)."""
+class Counting:
+    """The context's statements (:class:`pipeline.context.ContextQueries`) through the real
+    store, counted: one call is one statement."""
 
     def __init__(self, store: Store) -> None:
-        super().__init__(store.pool, store.query_timeout_s)
-        self.other_trips = 0
+        self.store = store
+        self.calls = 0
 
-    def __getattribute__(self, name: str) -> Any:
-        method = super().__getattribute__(name)
-        if name not in NOT_CONTEXT:
-            return method
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
-            self.other_trips += 1
+            self.calls += 1
             return await method(*args, **kwargs)
         return counted
 
@@ -99,9 +95,9 @@ async def test_round_trips_per_mode(store: Store, conninfo: str) -> None:
     trips = {}
     for mode in MODES:
         sql(conninfo, f"TRUNCATE {TABLES} CASCADE")
-        counting = ContextCountingStore(store)
-        await replay(counting, mode_config(mode))
-        trips[mode] = counting.round_trips - counting.other_trips
+        counting = Counting(store)
+        await replay(store, mode_config(mode), counting)
+        trips[mode] = counting.calls
     print(trips)
     assert trips["sequential"] == trips["parallel"]
     assert trips["single"] < trips["parallel"]
@@ -127,14 +123,18 @@ async def test_no_hold_and_wait_with_more_conversations_than_connections(
     assert sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'") == [(0,)]
 
 
-class FaultyStore(Store):
-    """The real store with one load made slow or failing (fault injection)."""
+class Faulty:
+    """The context's statements through the real store, with one load made slow or failing
+    (fault injection); the other statements go straight through."""
 
     def __init__(self, store: Store, *, slow: str = "", failing: str = "",
                  outage: str = "", outage_calls: int = 0) -> None:
-        super().__init__(store.pool, store.query_timeout_s)
+        self.store = store
         self.slow, self.failing = slow, failing
         self.outage, self.outage_calls = outage, outage_calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
 
     async def _maybe(self, name: str) -> None:
         if name == self.slow:
@@ -147,22 +147,22 @@ class FaultyStore(Store):
 
     async def load_history(self, *args: Any, **kwargs: Any) -> str:
         await self._maybe("history")
-        return await super().load_history(*args, **kwargs)
+        return await self.store.load_history(*args, **kwargs)
 
     async def load_escalated(self, *args: Any, **kwargs: Any) -> bool:
         await self._maybe("escalation")
-        return await super().load_escalated(*args, **kwargs)
+        return await self.store.load_escalated(*args, **kwargs)
 
     async def load_context(self, *args: Any, **kwargs: Any) -> Any:
         await self._maybe("single")
-        return await super().load_context(*args, **kwargs)
+        return await self.store.load_context(*args, **kwargs)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 async def test_a_slow_default_load_degrades_and_says_why(store: Store, mode: str) -> None:
-    faulty = FaultyStore(store, slow="history")
+    faulty = Faulty(store, slow="history")
     cfg = mode_config(mode, loads={"history": {"timeout_ms": 50, "policy": "default"}})
-    outcomes, _ = await replay(faulty, cfg)
+    outcomes, _ = await replay(store, cfg, faulty)
     turns = [json.loads(o) for o in outcomes if json.loads(o)["action"] in ("replied",
                                                                             "escalated")]
     assert len(turns) == SAMPLE_ACTIONS["replied"] + SAMPLE_ACTIONS["escalated"]
@@ -172,8 +172,8 @@ async def test_a_slow_default_load_degrades_and_says_why(store: Store, mode: str
 async def test_a_failing_required_load_fails_the_turn_and_leaves_it_pending(
     store: Store, conninfo: str,
 ) -> None:
-    faulty = FaultyStore(store, failing="escalation")
-    outcomes, pipeline = await replay(faulty, mode_config("parallel"))
+    faulty = Faulty(store, failing="escalation")
+    outcomes, pipeline = await replay(store, mode_config("parallel"), faulty)
     # the sample's 15 conversations: each turn tried 3 times, then left pending
     assert pipeline.metrics.counters["failed turns"] == 15 * 3
     assert not any(json.loads(o)["action"] in ("replied", "escalated", "held")
@@ -191,7 +191,8 @@ async def test_a_failing_required_load_fails_the_turn_and_leaves_it_pending(
 async def test_single_statement_failure_falls_back_to_per_load_queries(store: Store) -> None:
     baseline, _ = await replay(store, mode_config("single"))
     sql(store.pool.conninfo, f"TRUNCATE {TABLES} CASCADE")
-    fallback, _ = await replay(FaultyStore(store, failing="single"), mode_config("single"))
+    fallback, _ = await replay(store, mode_config("single"),
+                               Faulty(store, failing="single"))
     assert fallback == baseline
 
 
@@ -230,8 +231,8 @@ async def test_instance_cache_refreshes_in_the_background(store: Store) -> None:
 async def test_an_outage_makes_turns_wait_and_resume(store: Store, conninfo: str) -> None:
     baseline, _ = await replay(store, mode_config("parallel"))
     sql(conninfo, f"TRUNCATE {TABLES} CASCADE")
-    faulty = FaultyStore(store, outage="escalation", outage_calls=3)
-    outcomes, pipeline = await replay(faulty, mode_config("parallel"))
+    faulty = Faulty(store, outage="escalation", outage_calls=3)
+    outcomes, pipeline = await replay(store, mode_config("parallel"), faulty)
     assert outcomes == baseline  # every turn went through once the database answered again
     assert pipeline.metrics.counters["failed turns"] == 0
     assert faulty.outage_calls == 0
