@@ -23,9 +23,10 @@ def test_the_baseline_processes_the_sample(cluster: Cluster, dbname: str, connin
                           str(sample_log())], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["messages"] > 50
+    assert result["messages"] == 93  # the sample's user messages, redeliveries included
     assert 5 < result["round_trips_per_msg"] < 15
     counts = dict(sql(conninfo, "SELECT status, count(*) FROM inbox GROUP BY status"))
-    assert counts == {"processed": counts.get("processed", 0)} and counts["processed"] > 40
+    assert counts == {"processed": 89}  # each message once, none left pending
+    # one turn per message, in order within a conversation: the same decisions every run
     actions = dict(sql(conninfo, "SELECT action, count(*) FROM inbox GROUP BY action"))
-    assert actions.get("replied", 0) > 20 and actions.get("escalated", 0) > 0
+    assert actions == {"replied": 59, "escalated": 7, "held": 23}

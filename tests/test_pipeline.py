@@ -218,8 +218,9 @@ async def _shutdown_while_committing(store: Store, conninfo: str, *, grace_s: fl
     shutdown.on_stop(pipeline.stop_sources)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_in, shutdown.scope, pipeline, log_source(sample_log()))
-        while store.pool.stats.in_use == 0 or not sink.total:  # noqa: ASYNC110
-            await trio.sleep(0.01)  # until commits are in flight
+        with trio.fail_after(60):  # a bounded wait, not an ordering: until commits fly
+            while store.pool.stats.in_use == 0 or not sink.total:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         for _ in range(signals):
             shutdown.request()
     return shutdown, sink
