@@ -170,7 +170,6 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
     async def source(inlets: Inlets) -> None:
         nonlocal count, last
         timeline.t0 = trio.current_time()
-        sink.t0 = timeline.t0
         for item in items:
             if inlets.stopping.is_set():
                 return

@@ -18,7 +18,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import IO, Any, TextIO
+from typing import IO, TextIO
 
 import attrs
 import trio
@@ -56,8 +56,6 @@ class OutcomeSink:
     receipts: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     invalid: list[str] = attrs.field(factory=list)  # the first few, as "file:line: reason"
     total: int = 0
-    lines: list[Any] = attrs.field(factory=list)  # for tests that parse what was written
-    t0: float = 0.0
     #: a live run: every line is written and flushed at once (an operator tails the file)
     live: bool = False
     #: called with each outcome and the Trio time it was produced (e.g. the HTML report)

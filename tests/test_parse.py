@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from stages.parse import (
     BodyError,
     InstanceDirectory,
+    check_body,
     decode_body,
-    json_depth_ok,
     parse_event,
 )
 from stages.records import Ignored, InboundMessage, Invalid, RawEvent, Receipt
@@ -811,16 +811,19 @@ def test_mutated_fixtures_never_raise(data: st.DataObject) -> None:
     [(1, 0), ("x", 0), ([], 1), ({}, 1), ({"a": [1, {"b": []}]}, 4), ([[[[]]], []], 4)],
 )
 def test_json_depth(value: Any, depth: int) -> None:
-    assert json_depth_ok(value, depth)
-    assert not json_depth_ok(value, depth - 1) or depth == 0
+    check_body(value, depth)
+    if depth > 0:
+        with pytest.raises(BodyError, match=f"deeper than {depth - 1} levels"):
+            check_body(value, depth - 1)
 
 
 def test_json_depth_is_not_recursive() -> None:
     deep: Any = []
     for _ in range(100_000):
         deep = [deep]
-    assert not json_depth_ok(deep, 64)
-    assert json_depth_ok(deep, 100_001)
+    with pytest.raises(BodyError, match="deeper than 64 levels"):
+        check_body(deep, 64)
+    check_body(deep, 100_001)
 
 
 def test_decode_body_accepts_json() -> None:

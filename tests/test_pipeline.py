@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from conftest import sql
 
@@ -58,18 +59,25 @@ def log_source(path: Path) -> Any:
     return source
 
 
-async def run_sample(store: Store, cfg: Config | None = None) -> OutcomeSink:
+@attrs.frozen
+class SampleRun:
+    sink: OutcomeSink
+    lines: list[dict[str, Any]]  # the outcome lines written, without timings and ids
+
+
+async def run_sample(store: Store, cfg: Config | None = None) -> SampleRun:
     sink = OutcomeSink(out=io.StringIO())
     await Pipeline(cfg or make_config(), store, sink).run(log_source(sample_log()))
-    sink.lines = [json.loads(line) for line in sink.out.getvalue().splitlines()]  # type: ignore
-    for line in sink.lines:  # type: ignore
+    assert isinstance(sink.out, io.StringIO)
+    lines = [json.loads(line) for line in sink.out.getvalue().splitlines()]
+    for line in lines:
         line.pop("timings_ms")
         line.pop("conversation_id")
-    return sink
+    return SampleRun(sink, lines)
 
 
 async def test_sample_log_end_to_end(store: Store, conninfo: str) -> None:
-    sink = await run_sample(store)
+    sink = (await run_sample(store)).sink
     assert sink.actions == SAMPLE_ACTIONS
     # nothing accepted is left behind, and every stored message got exactly one outcome
     assert sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'") == [(0,)]
@@ -91,11 +99,11 @@ async def test_sample_log_end_to_end(store: Store, conninfo: str) -> None:
 
 
 async def test_replaying_twice_writes_nothing_twice(store: Store, conninfo: str) -> None:
-    first = await run_sample(store)
+    first = (await run_sample(store)).sink
     reactions = sql(conninfo, "SELECT count(*) FROM inbox WHERE action = 'ignored'")[0][0]
     counts = sql(conninfo, "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM outbox),"
                  " (SELECT count(*) FROM ai_interactions)")
-    second = await run_sample(store)
+    second = (await run_sample(store)).sink
     assert second.total == first.total
     stored = first.total - first.actions["invalid"] - first.actions["ignored"] + reactions
     assert second.actions["duplicate"] == stored  # every message is now a redelivery
@@ -112,8 +120,8 @@ async def test_same_log_same_outcomes(cluster: Any, store: Store) -> None:
     second_lines = sorted(json.dumps(x, sort_keys=True) for x in second.lines)
     diff = set(first_lines) ^ set(second_lines)
     assert sorted(diff) == []
-    assert first.actions == second.actions
-    assert first.escalations == second.escalations
+    assert first.sink.actions == second.sink.actions
+    assert first.sink.escalations == second.sink.escalations
 
 
 async def test_graceful_shutdown_drains_what_was_accepted(store: Store, conninfo: str) -> None:
@@ -218,8 +226,9 @@ async def _shutdown_while_committing(store: Store, conninfo: str, *, grace_s: fl
     shutdown.on_stop(pipeline.stop_sources)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_in, shutdown.scope, pipeline, log_source(sample_log()))
-        with trio.fail_after(60):  # a bounded wait, not an ordering: until commits fly
-            while store.pool.stats.in_use == 0 or not sink.total:  # noqa: ASYNC110
+        dispatch = pipeline.metrics.stage("dispatch")
+        with trio.fail_after(60):  # until a (slow) commit is in flight, not just any statement
+            while dispatch.active == 0 or store.pool.stats.in_use == 0:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         for _ in range(signals):
             shutdown.request()

@@ -448,6 +448,9 @@ def _name(node: ast.expr) -> str | None:
     return None
 
 
+_SCANNED: dict[str, _SqlScan] = {}  # every scanned module, by its dotted name
+
+
 class _SqlScan:
     def __init__(self, path: Path) -> None:
         self.path = path.relative_to(ROOT).as_posix()
@@ -459,6 +462,13 @@ class _SqlScan:
                     if isinstance(t, ast.Name):
                         self.constants[t.id] = node.value
         self.allow_dbname = self.path == "pipeline/database.py"
+        #: names taken from other scanned modules: a constant there is a constant here
+        self.imports = {alias.asname or alias.name: (node.module, alias.name)
+                        for node in self.tree.body if isinstance(node, ast.ImportFrom)
+                        and node.module and node.module.split(".")[0] in ("pipeline", "stages")
+                        for alias in node.names}
+        module = path.relative_to(ROOT).with_suffix("").parts
+        _SCANNED[".".join(module).removesuffix(".__init__")] = self
 
     def functions(self) -> Iterator[tuple[_Scope, ast.Call]]:
         for node in ast.walk(self.tree):
@@ -499,6 +509,10 @@ class _SqlScan:
                         for p in self.unsafe(value, scope, seen | {expr.id})]
             if expr.id in self.constants and expr.id not in scope.params:
                 return self.unsafe(self.constants[expr.id], _Scope(None), seen | {expr.id})
+            module, name = self.imports.get(expr.id, ("", ""))
+            other = _SCANNED.get(module)
+            if other is not None and name in other.constants and expr.id not in scope.params:
+                return other.unsafe(other.constants[name], _Scope(None), seen | {expr.id})
         return [f"non-constant {ast.unparse(expr)}"]
 
     def _interpolated(self, value: ast.expr, scope: _Scope) -> list[str]:
@@ -523,7 +537,7 @@ def sql_spots() -> tuple[list[tuple[str, str, int, str, str]], int]:
     """Every SQL-executing call whose SQL is not provably built from constants, and how many
     calls were checked. An ``execute`` whose SQL is a parameter of its function makes that
     function a wrapper (``Store._all``); the wrapper's call sites are checked instead."""
-    scans = [_SqlScan(p) for d in ("pipeline", "stages") for p in sorted((ROOT / d).glob("*.py"))]
+    scans = [_SqlScan(p) for d in ("pipeline", "stages") for p in sorted((ROOT / d).rglob("*.py"))]
     wrappers: dict[str, int] = {}  # function name -> index of its SQL argument (no self)
     changed = True
     while changed:
@@ -594,7 +608,7 @@ class S:
     scan.path, scan.tree = "x.py", ast.parse(source)
     scan.constants = {t.id: n.value for n in scan.tree.body if isinstance(n, ast.Assign)
                       for t in n.targets if isinstance(t, ast.Name)}
-    scan.allow_dbname = False
+    scan.allow_dbname, scan.imports = False, {}
     found = {(scope.func.name, call.lineno) for scope, call in scan.functions()  # type: ignore[union-attr]
              if _name(call.func) in ("execute", "_run") and call.args
              and not (isinstance(call.args[0], ast.Name) and call.args[0].id == "sql")

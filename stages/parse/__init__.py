@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from stages.parse.body import BodyError, check_body, decode_body, json_depth_ok
+from stages.parse.body import BodyError, check_body, decode_body
 from stages.parse.cloud import parse_cloud
 from stages.parse.evolution import parse_evolution
 from stages.parse.results import guarded, ignored
@@ -34,7 +34,6 @@ __all__ = [
     "InstanceDirectory",
     "check_body",
     "decode_body",
-    "json_depth_ok",
     "parse_event",
 ]
 

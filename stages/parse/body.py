@@ -21,14 +21,6 @@ class BodyError(Exception):
         self.reason = reason
 
 
-def json_depth_ok(obj: Any, limit: int) -> bool:
-    """Whether ``obj`` nests lists/objects at most ``limit`` deep (a scalar has depth 0).
-
-    Iterative, so that a hostile body cannot exhaust the interpreter stack while we check it.
-    """
-    return _walk(obj, limit) != "depth"
-
-
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
