@@ -40,6 +40,7 @@ from pipeline.rules import (
     dry_instances,
     escalation_rules,
     instance_directory,
+    phone_rule,
 )
 from pipeline.runtime import batch_stage, keyed_stage
 from pipeline.store import ContextRequest, InstanceRow, Store
@@ -222,7 +223,7 @@ class Pipeline:
                         rules.first_due, stored,
                         watermark.advance if watermark is not None else lambda latest: None,
                         receipts=not all(dry_instances(cfg).values()),
-                        phone_hold=cfg.console.hold_on_phone_reply)
+                        phone="off" if self.finite else phone_rule(cfg))
         def intake_ended() -> None:
             intake_done.set()
             if watermark is not None:

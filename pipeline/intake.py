@@ -15,7 +15,7 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff, with_retry
 from pipeline.db import DatabaseError, DatabaseUnavailable
-from pipeline.store import Store
+from pipeline.store import PhoneRule, Store
 from stages.intake import Accepted, finished, redact_body, redelivered, sort_parts
 from stages.parse import InstanceDirectory, parse_event
 from stages.records import (
@@ -45,8 +45,9 @@ class Intake:
     #: apply receipts to the outbox (off when every channel is dry: nothing was sent, and a
     #: replay's statements stay the same whatever the batching)
     receipts: bool = True
-    #: an own-number message the pipeline did not send hands its conversation to humans
-    phone_hold: bool = False
+    #: what an own-number message the pipeline did not send does: "off" in replays (their
+    #: recorded echoes are of the original run's sends)
+    phone: PhoneRule = "off"
 
     async def __call__(self, batch: Sequence[RawEvent | Invalid]) -> list[Outcome]:
         groups: list[tuple[RawEvent, list[InboundMessage]]] = []
@@ -61,7 +62,7 @@ class Intake:
                 assert isinstance(event, RawEvent)
                 groups.append((event, list(parts.messages)))
         if receipts and self.receipts:
-            await with_retry(lambda: self.store.record_receipts(receipts, self.phone_hold),
+            await with_retry(lambda: self.store.record_receipts(receipts, self.phone),
                              self.retry, "intake")
         if not groups:
             return []
@@ -118,8 +119,8 @@ class LiveIntake:
     store: Store
     directory: InstanceDirectory
     first_due: dt.timedelta = dt.timedelta(0)
-    #: an own-number message the pipeline did not send hands its conversation to humans
-    phone_hold: bool = False
+    #: what an own-number message the pipeline did not send does (``record`` or ``hold``)
+    phone: PhoneRule = "record"
 
     async def accept(self, event: RawEvent) -> Accepted:
         parts = sort_parts(parse_event(event, self.directory))
@@ -127,7 +128,7 @@ class LiveIntake:
         stored = (await self.store.store_inbound(parts.messages, self.first_due, stamp=True)
                   if parts.messages else [])
         if parts.receipts:  # recorded before the answer: a 200 means the outbox knows
-            await self.store.record_receipts(parts.receipts, self.phone_hold)
+            await self.store.record_receipts(parts.receipts, self.phone)
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
         return Accepted(tuple(stored), tuple(finished(p, event.received_at) for p in parts.ended),

@@ -24,7 +24,7 @@ from pipeline.intake import LiveIntake
 from pipeline.metrics import Metrics
 from pipeline.prometheus import Exporter, problems
 from pipeline.recorded_log import LogRecorder, RecordDirError
-from pipeline.rules import burst_rules, instance_directory
+from pipeline.rules import burst_rules, instance_directory, phone_rule
 from pipeline.store import Store
 from pipeline.webhook import WebhookApp, serve
 from stages.intake import Accepted, redelivered
@@ -63,7 +63,7 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 acks_store = Store(acks, cfg.database.query_timeout_s)
                 intake = LiveIntake(acks_store, instance_directory(cfg),
                                     burst_rules(cfg).first_due,
-                                    phone_hold=cfg.console.hold_on_phone_reply)
+                                    phone=phone_rule(cfg))
                 exporter = Exporter(metrics, sink or OutcomeSink(), acks_store.figures,
                                     store.pool.stats)
                 readiness = partial(problems, acks_store.ping, acks_store.applied_migrations,

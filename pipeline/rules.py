@@ -13,6 +13,7 @@ from pipeline.config import (
     EscalationConfig,
     InstanceConfig,
 )
+from pipeline.store import PhoneRule
 from stages.escalation import BusinessHours, EscalationRules
 from stages.parse import InstanceDirectory
 from stages.turns import BurstRules
@@ -61,3 +62,8 @@ def database_retry(cfg: DatabaseConfig) -> Backoff:
     and recording what a send did all retry with it."""
     return Backoff(attempts=1_000_000, initial_s=0.1, max_s=5.0,
                    deadline_s=cfg.unavailable_retry_s)
+
+
+def phone_rule(cfg: Config) -> PhoneRule:
+    """What a live run does with a message typed on the business phone."""
+    return "hold" if cfg.console.hold_on_phone_reply else "record"

@@ -444,20 +444,24 @@ async def test_a_message_typed_on_the_business_phone_hands_the_conversation_over
                   " '5511977', %s, 'delivered')",
         (conv, Jsonb({"to": "5511977", "text": "resposta do assistente"})))
     # the echo of our own reply (its answer gave no id): not a person
-    await store.record_receipts([echo("resposta do assistente", "5511977", "E1")], True)
+    await store.record_receipts([echo("resposta do assistente", "5511977", "E1")], "hold")
     assert sql(conninfo, "SELECT count(*) FROM escalations") == [(0,)]
     # typed on the phone: in the history, and the assistant stays silent
-    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], True)
-    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], True)
+    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], "hold")
+    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], "hold")
     assert sql(conninfo, "SELECT role, author, body FROM messages") == [
         ("human", "phone", "Oi, aqui é o dono da loja")]
     assert sql(conninfo, "SELECT reason, claimed_by, status FROM escalations") == [
         ("answered from the business phone", "phone", "open")]
     # once resolved, a redelivered echo does not hand it over again
     sql(conninfo, "UPDATE escalations SET status = 'resolved', resolved_at = now()")
-    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], True)
+    await store.record_receipts([echo("Oi, aqui é o dono da loja", "5511977", "E2")], "hold")
     assert sql(conninfo, "SELECT count(*) FROM escalations WHERE status = 'open'") == [(0,)]
     # with hold_on_phone_reply = false the message is kept, the assistant goes on
-    await store.record_receipts([echo("outra coisa", "5511977", "E3")], False)
+    await store.record_receipts([echo("outra coisa", "5511977", "E3")], "record")
     assert sql(conninfo, "SELECT count(*) FROM escalations WHERE status = 'open'") == [(0,)]
     assert sql(conninfo, "SELECT count(*) FROM messages WHERE author = 'phone'") == [(2,)]
+    # a replay's recorded echoes are the original run's sends: not a person on the phone
+    await store.record_receipts([echo("de um replay", "5511977", "E4")], "off")
+    assert sql(conninfo, "SELECT count(*) FROM messages WHERE author = 'phone'") == [(2,)]
+    assert sql(conninfo, "SELECT count(*) FROM escalations WHERE status = 'open'") == [(0,)]

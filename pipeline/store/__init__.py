@@ -19,7 +19,7 @@ from pipeline.store.edge import ClaimConflict, QueryTimeout, Statements
 from pipeline.store.escalations import EscalationRow, EscalationStatements
 from pipeline.store.inbox import InboxStatements, InstanceRow, message_from_json, message_json
 from pipeline.store.leases import LeaseStatements
-from pipeline.store.receipts import ReceiptStatements
+from pipeline.store.receipts import PhoneRule, ReceiptStatements
 
 __all__ = [
     "ClaimBatch",
@@ -29,6 +29,7 @@ __all__ = [
     "ContextRequest",
     "EscalationRow",
     "InstanceRow",
+    "PhoneRule",
     "QueryTimeout",
     "Statements",
     "Store",

@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from pipeline.store.edge import Statements
 from stages.records import Receipt
+
+#: what an own-number message the pipeline did not send does (see ``record_receipts``)
+PhoneRule = Literal["off", "record", "hold"]
 
 
 class ReceiptStatements(Statements):
     """What channels said of our sends, written to their outbox rows."""
 
-    async def record_receipts(self, receipts: Sequence[Receipt], phone_hold: bool = False
+    async def record_receipts(self, receipts: Sequence[Receipt], phone: PhoneRule = "off"
                               ) -> int:
         """Apply what channels said of our sends to their outbox rows, in one statement; the
         number of receipts that found a row. A receipt finds its row by our key (the Cloud
@@ -22,13 +26,15 @@ class ReceiptStatements(Statements):
         that WhatsApp refused (``failed``, e.g. 131047 outside the 24-hour window) opens an
         escalation of its conversation: the assistant holds, a human follows up.
 
-        An echo that finds no row and whose text the pipeline did not queue for that number
-        in the last day was typed on the business phone: it joins the conversation's history
-        (role ``human``, author ``phone``) and, with ``phone_hold``, opens an escalation
-        held by the phone -- the assistant stays silent until an agent resolves it."""
+        ``phone`` (live intake only: a replay's recorded echoes are of the original run's
+        sends, and would race its own replies): with ``record``, an echo that finds no row
+        and whose text the pipeline did not queue for that number in the last day was typed
+        on the business phone and joins the conversation's history (role ``human``, author
+        ``phone``); with ``hold`` it also opens an escalation held by the phone -- the
+        assistant stays silent until an agent resolves it."""
         if not receipts:
             return 0
-        (found,), = await self._all(_RECORD_RECEIPTS, {"phone": phone_hold,
+        (found,), = await self._all(_RECORD_RECEIPTS, {"phone": phone,
             "inst": [r.instance for r in receipts], "pid": [r.provider_id for r in receipts],
             "st": [r.status for r in receipts], "key": [r.key for r in receipts],
             "err": [r.error for r in receipts], "num": [r.number for r in receipts],
@@ -72,7 +78,7 @@ WITH r AS (
     SELECT DISTINCT ON (m.instance, m.pid) m.instance, m.pid, m.txt, c.id AS conv
     FROM m JOIN conversations c ON c.instance = m.instance AND c.sender = m.num
                                 AND c.status = 'open'
-    WHERE m.row_id IS NULL AND m.txt IS NOT NULL
+    WHERE %(phone)s <> 'off' AND m.row_id IS NULL AND m.txt IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.instance = m.instance
                       AND o.target = m.num AND o.payload ->> 'text' = m.txt
                       AND o.created_at > now() - interval '1 day')
@@ -84,7 +90,7 @@ WITH r AS (
 ), held AS (
     INSERT INTO escalations (conversation_id, reason, claimed_by, claimed_at)
     SELECT DISTINCT conversation_id, 'answered from the business phone', 'phone', now()
-    FROM typed WHERE %(phone)b
+    FROM typed WHERE %(phone)s = 'hold'
     ON CONFLICT (conversation_id) WHERE status = 'open' DO NOTHING
 )
 SELECT count(*) FROM m WHERE row_id IS NOT NULL
