@@ -29,7 +29,7 @@ from pipeline.db import DatabaseError
 from pipeline.delivery import DeliveryStats, Notifier, run_delivery
 from pipeline.instances import InstanceCache
 from pipeline.intake import Intake
-from pipeline.metrics import Metrics, StageMetrics
+from pipeline.metrics import Metrics
 from pipeline.outbox import OutboxStore
 from pipeline.responders import build_responder
 from pipeline.retention import RetentionStore, run_retention
@@ -42,7 +42,7 @@ from pipeline.rules import (
     instance_directory,
     phone_rule,
 )
-from pipeline.runtime import batch_stage, keyed_stage
+from pipeline.runtime import batch_stage, keyed_path
 from pipeline.store import ContextRequest, InstanceRow, Store
 from stages.context import LoadContext
 from stages.dispatch import Commits, Dispatch, Messages
@@ -279,15 +279,7 @@ class Pipeline:
                 claimer.finished, (lambda: None) if clock.database else clock.now,
                 burst_rules(cfg).first_due, self.wake.notify), instances.close),
         ]
-        recv: trio.MemoryReceiveChannel[Turn] = turns
-        for stage in path:
-            if stage is path[-1]:
-                await nursery.start(_run_turn_stage, stage, recv, done, m.stage(stage.name),
-                                    keyed)
-                break
-            send, next_recv = trio.open_memory_channel[Turn](cap)
-            await nursery.start(_run_turn_stage, stage, recv, send, m.stage(stage.name), keyed)
-            recv = next_recv
+        await nursery.start(_run_turn_path, path, turns, done, m, keyed)
 
 
 async def _run_source(source: Source, inlets: Inlets) -> None:
@@ -312,19 +304,23 @@ async def _intake(intake: Intake, recv: Any, send: Any, metrics: Metrics, cap: i
 @attrs.frozen
 class TurnStage:
     """One stage of the turn path: ``handler`` takes a turn and gives what goes on (turns;
-    outcomes for the last), in per-conversation lanes; ``ended`` runs once it has stopped
-    (a helper service it used closes then)."""
+    outcomes for the last); ``ended`` runs once the path has stopped (a helper service it
+    used closes then)."""
 
     name: str
     handler: Callable[[Turn], Awaitable[Sequence[Any]]]
     ended: Callable[[], None] | None = None
 
 
-async def _run_turn_stage(stage: TurnStage, recv: trio.MemoryReceiveChannel[Turn],
-                          send: trio.MemorySendChannel[Any], stats: StageMetrics,
-                          keyed: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
+async def _run_turn_path(path: Sequence[TurnStage], recv: trio.MemoryReceiveChannel[Turn],
+                         send: trio.MemorySendChannel[Outcome], metrics: Metrics,
+                         keyed: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
+    """The turn stages in one set of per-conversation lanes (:func:`keyed_path`): a turn is
+    handed over once, not once per stage; each stage keeps its own figures."""
     try:
-        await keyed_stage(stage.handler, recv, send, stats, task_status=task_status, **keyed)
+        await keyed_path([(stage.handler, metrics.stage(stage.name)) for stage in path],
+                         recv, send, task_status=task_status, **keyed)
     finally:
-        if stage.ended is not None:
-            stage.ended()
+        for stage in path:
+            if stage.ended is not None:
+                stage.ended()

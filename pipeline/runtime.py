@@ -1,16 +1,18 @@
 """How stages are run: welded by bounded channels, ordered per conversation, stopped safely.
 
-Three kinds of stage runner:
+Four kinds of stage runner:
 
 * :func:`sequential_stage` -- one task, items in arrival order, one at a time.
 * :func:`batch_stage` -- one task, in arrival order, handing the handler every item already
   waiting at once (intake: a batch of events is one inbox statement).
-* :func:`keyed_stage` -- the turn stages (context, escalation, respond, dispatch):
-  per-conversation lanes: items with the same key are handled one at a
+* :func:`keyed_stage` -- per-conversation lanes: items with the same key are handled one at a
   time in arrival order, different keys concurrently, at most ``max_active`` keys at once.
   A lane exists only while its conversation has work: when its queue is empty the lane task
   ends and its state is released, so memory follows the number of *busy* conversations,
   not the number ever seen.
+* :func:`keyed_path` -- the turn stages (context, escalation, respond, dispatch) in one
+  set of such lanes: a turn goes through all of them in its conversation's lane, with no
+  hand-off between them (each still counted and timed as its own stage).
 
 All close their output when their input is exhausted and every item is out, so the end of
 a finite source drains the whole pipeline. A full output channel blocks the stage, which
@@ -108,6 +110,51 @@ async def keyed_stage(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Per-key ordered, cross-key concurrent handling (see the module docstring)."""
+    async def process(item: Any) -> Sequence[Any]:
+        return await _handle(item, handler, on_error, stats)
+
+    await _keyed(process, recv, send, stats, stats, max_active=max_active,
+                 lane_capacity=lane_capacity, task_status=task_status)
+
+
+async def keyed_path(
+    stages: Sequence[tuple[Handler, StageMetrics]], recv: trio.MemoryReceiveChannel[Any],
+    send: trio.MemorySendChannel[Any], *, max_active: int, lane_capacity: int,
+    on_error: ErrorHandler | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Several keyed stages in one set of lanes: an item goes through every stage's handler,
+    in order, inside its conversation's lane -- the same order and concurrency as a chain of
+    :func:`keyed_stage`, without a channel hand-off and a lane task per stage. Each stage
+    keeps its own counters, latency and item timings; the first one the queue figures."""
+    if not stages:
+        raise ValueError("a path needs at least one stage")
+    last = len(stages) - 1
+
+    async def process(item: Any) -> Sequence[Any]:
+        items: Sequence[Any] = (item,)
+        for index, (handler, stats) in enumerate(stages):
+            out: list[Any] = []
+            for one in items:
+                if index:
+                    stats.received += 1
+                done = await _handle(one, handler, on_error, stats)
+                if index < last:
+                    stats.sent += len(done)
+                out.extend(done)
+            items = out
+        return items
+
+    await _keyed(process, recv, send, stages[0][1], stages[-1][1], max_active=max_active,
+                 lane_capacity=lane_capacity, task_status=task_status)
+
+
+async def _keyed(
+    process: Callable[[Any], Awaitable[Sequence[Any]]], recv: trio.MemoryReceiveChannel[Any],
+    send: trio.MemorySendChannel[Any], into: StageMetrics, out_of: StageMetrics, *,
+    max_active: int, lane_capacity: int, task_status: trio.TaskStatus[None],
+) -> None:
+    """The lanes: ``into`` counts what comes in (and the queue), ``out_of`` what goes out."""
     if lane_capacity < 1:
         raise ValueError("lane_capacity must be >= 1 (a lane must buffer the item it starts with)")
     lanes: dict[Hashable, trio.MemorySendChannel[Any]] = {}
@@ -118,10 +165,10 @@ async def keyed_stage(
             with lane:
                 while True:
                     item = lane.receive_nowait()
-                    await _emit(await _handle(item, handler, on_error, stats), send, stats)
+                    await _emit(await process(item), send, out_of)
                     if lane.statistics().current_buffer_used == 0:
                         del lanes[key]  # no await since the check: nothing can slip in
-                        stats.active = len(lanes)
+                        into.active = len(lanes)
                         return
         finally:
             slots.release_on_behalf_of(token)
@@ -130,8 +177,8 @@ async def keyed_stage(
         async with trio.open_nursery() as nursery:
             task_status.started()
             async for item in recv:
-                stats.received += 1
-                stats.queued(recv.statistics().current_buffer_used)
+                into.received += 1
+                into.queued(recv.statistics().current_buffer_used)
                 key = item.key
                 lane = lanes.get(key)
                 if lane is not None:
@@ -142,6 +189,5 @@ async def keyed_stage(
                 lane_send, lane_recv = trio.open_memory_channel[Any](lane_capacity)
                 lane_send.send_nowait(item)  # before the lane starts: it never starts empty
                 lanes[key] = lane_send
-                stats.active = len(lanes)
+                into.active = len(lanes)
                 nursery.start_soon(run_lane, key, lane_recv, token, name=f"lane {key}")
-

@@ -228,7 +228,7 @@ async def _shutdown_while_committing(store: Store, conninfo: str, *, grace_s: fl
         nursery.start_soon(_run_in, shutdown.scope, pipeline, log_source(sample_log()))
         dispatch = pipeline.metrics.stage("dispatch")
         with trio.fail_after(60):  # until a (slow) commit is in flight, not just any statement
-            while dispatch.active == 0 or store.pool.stats.in_use == 0:  # noqa: ASYNC110
+            while dispatch.received <= dispatch.sent:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         for _ in range(signals):
             shutdown.request()

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from pipeline.metrics import Metrics
-from pipeline.runtime import keyed_stage, sequential_stage
+from pipeline.runtime import keyed_path, keyed_stage, sequential_stage
 
 
 @attrs.frozen
@@ -183,3 +183,54 @@ async def test_handler_errors_are_counted_and_do_not_stop_the_stage(
                 await in_send.send(Item("k", n))
     assert [i.seq for i in seen] == [0, 2]
     assert (stats.errors, stats.dropped) == (1, 1)
+
+
+async def test_a_keyed_path_runs_its_stages_in_order_per_key_and_counts_each(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three stages in one set of lanes: per key, every item passes the stages in order and
+    the items in arrival order; keys overlap; a stage that drops an item (its error) stops
+    it there; each stage has its own counters."""
+    rng = random.Random(5)
+    trail: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    busy: set[str] = set()
+    peak = 0
+
+    def stage(name: str) -> Any:
+        async def handler(item: Item) -> list[Item]:
+            nonlocal peak
+            trail[item.key].append((name, item.seq))
+            busy.add(item.key)
+            peak = max(peak, len(busy))
+            await trio.sleep(rng.uniform(0, 0.02))
+            busy.discard(item.key)
+            if name == "b" and item.seq == 3:
+                raise ValueError("item 3 fails in b")
+            return [item]
+        return handler
+
+    async def dropped(item: Item, exc: Exception) -> list[Any]:
+        return []
+
+    m = Metrics()
+    in_send, in_recv = trio.open_memory_channel[Any](4)
+    out_send, out_recv = trio.open_memory_channel[Any](4)
+    seen: list[Item] = []
+    items = [Item(f"k{k}", s) for s in range(6) for k in range(10)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_collect, out_recv, seen)
+        await nursery.start(partial(
+            keyed_path, [(stage(n), m.stage(n)) for n in "abc"], in_recv, out_send,
+            max_active=4, lane_capacity=2, on_error=dropped))
+        async with in_send:
+            for item in items:
+                await in_send.send(item)
+    for key, steps in trail.items():
+        expected = [(n, s) for s in range(6) for n in ("abc" if s != 3 else "ab")]
+        assert steps == expected, key
+    assert [i.seq for i in seen if i.key == "k0"] == [0, 1, 2, 4, 5]
+    a, b, c = (m.stages[n] for n in "abc")
+    assert (a.received, a.sent, b.received, b.sent, b.errors, c.received, c.sent) == (
+        60, 60, 60, 50, 10, 50, 50)
+    assert peak == 4  # keys overlap, up to max_active
+    assert a.active == 0  # the lanes are gone once drained
