@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import psutil
 import trio
 from loguru import logger
 
@@ -68,10 +69,41 @@ class Run:
     cpu_ms_per_msg: float = 0.0
     p50_ms: float | None = None
     p99_ms: float | None = None
+    server_cpu_ms_per_msg: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
+
+
+class ServerCpu:
+    """CPU seconds the PostgreSQL server spent: the postmaster, its live children (backends,
+    WAL writer, checkpointer...) and the children it has reaped (backends of closed
+    connections), read from /proc through psutil."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text()
+                                             .split()[0]))
+
+    def seconds(self) -> float:
+        t = self.postmaster.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self.postmaster.children():
+            try:
+                c = child.cpu_times()
+            except psutil.NoSuchProcess:  # exited meanwhile: counted as reaped from now on
+                continue
+            total += c.user + c.system
+        return total
+
+    async def settled(self) -> float:
+        """After a run: once the run's backends have exited (their CPU is then the
+        postmaster's reaped children's)."""
+        await trio.sleep(0.3)
+        return self.seconds()
+
+
+SERVER_CPU: ServerCpu | None = None
 
 
 async def one_run(server: Server, conninfo_of: object, mode: str, log: Path, n: int) -> Run:
@@ -80,17 +112,21 @@ async def one_run(server: Server, conninfo_of: object, mode: str, log: Path, n: 
         dsn = conninfo_of(name)  # type: ignore[operator]
         cfg = attrs.evolve(cfg, database=attrs.evolve(cfg.database, dsn=dsn))
         out = io.StringIO()
+        assert SERVER_CPU is not None
+        server_before = await SERVER_CPU.settled()
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         result: ReplayResult = await replay(cfg, [log], out=out, clock=MODES[mode],
                                             fresh=False)
         after = resource.getrusage(resource.RUSAGE_SELF)
+        server_s = await SERVER_CPU.settled() - server_before
     actions = result.sink.actions
     messages = sum(v for k, v in actions.items() if k not in ("ignored", "invalid"))
     turns = actions["replied"] + actions["escalated"] + actions["held"]
     cpu_s = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
     return Run(mode, messages, result.elapsed_s, turns, result.round_trips,
                hashlib.sha256(out.getvalue().encode()).hexdigest()[:12],
-               cpu_s * 1000 / max(messages, 1))
+               cpu_s * 1000 / max(messages, 1),
+               server_cpu_ms_per_msg=server_s * 1000 / max(messages, 1))
 
 
 async def baseline_run(server: Server, route: Any, log: Path, n: int) -> Run:
@@ -103,18 +139,24 @@ async def baseline_run(server: Server, route: Any, log: Path, n: int) -> Run:
         else:
             dsn = (f"postgresql://{SERVER_USER}@127.0.0.1:{route.proxy_port}/{name}"
                    "?sslmode=disable")
+        assert SERVER_CPU is not None
+        server_before = await SERVER_CPU.settled()
         proc = await trio.run_process(
             [sys.executable, str(Path(__file__).with_name("bench_baseline.py")), "--dsn", dsn,
              "--log", str(log)], capture_stdout=True, capture_stderr=True, check=False)
+        server_s = await SERVER_CPU.settled() - server_before
     if proc.returncode != 0:
         raise SystemExit(f"the baseline failed: {proc.stderr.decode()[-2000:]}")
     r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     return Run("baseline", r["messages"], r["seconds"], r["messages"], r["round_trips"], "-",
-               r["cpu_ms_per_msg"], r["p50_ms"], r["p99_ms"])
+               r["cpu_ms_per_msg"], r["p50_ms"], r["p99_ms"],
+               server_s * 1000 / max(r["messages"], 1))
 
 
 async def bench(args: argparse.Namespace, pg: Cluster) -> list[Run]:
+    global SERVER_CPU
     server = await prepare_server(pg)
+    SERVER_CPU = ServerCpu(pg.data_dir)
     runs: list[Run] = []
     async with routed(Route(args.delay_ms), server) as route:  # type: ignore[arg-type]
         rtt = await measure_rtt(route)
@@ -143,8 +185,8 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
     lines = [f"bundled day ({args.log.name}), {args.delay_ms:g} ms one way, fsync "
              f"{args.fsync}, {args.repeat} runs each (median):", "",
              "| replay | msgs/s | turns | round trips / msg | client CPU ms / msg | "
-             "p50 / p99 ms per msg | distinct outcome files |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "server CPU ms / msg | p50 / p99 ms per msg | distinct outcome files |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in modes:
         mine = [r for r in runs if r.mode == mode]
         latency = (f"{statistics.median(r.p50_ms or 0 for r in mine):.1f} / "
@@ -152,7 +194,9 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
                    if mine[0].p50_ms is not None else "-")
         lines.append(f"| {LABELS[mode]} | {rates[mode]:,.0f} | {mine[0].turns} | "
                      f"{statistics.median(r.round_trips / r.messages for r in mine):.2f} | "
-                     f"{statistics.median(r.cpu_ms_per_msg for r in mine):.2f} | {latency} | "
+                     f"{statistics.median(r.cpu_ms_per_msg for r in mine):.2f} | "
+                     f"{statistics.median(r.server_cpu_ms_per_msg for r in mine):.2f} | "
+                     f"{latency} | "
                      f"{len({r.digest for r in mine}) if mode != 'baseline' else '-'} |")
     ratio = rates["faithful"] / rates["pushed"]
     lines += ["", f"faithful / pushed: {ratio:.2f} (target >= 0.90: "
