@@ -33,8 +33,9 @@ class _Retryable(AnswerError):
     """An answer worth another attempt: 429 or 5xx."""
 
 
-#: 3 attempts, pauses of up to 0.2 then 0.4 s: a blip is bridged, a dead endpoint costs the
-#: turn at most 3 x timeout_s + 0.6 s before the fallback.
+#: the pauses between attempts (``[responders.<name>] attempts`` sets how many; 3 by default:
+#: a blip is bridged, a dead endpoint costs the turn at most 3 x timeout_s + 0.6 s before
+#: the fallback)
 OPENAI_RETRY = Backoff(attempts=3, initial_s=0.2, max_s=1.0)
 _RETRY_ON = (_Retryable, httpx.TransportError, trio.TooSlowError)
 
@@ -126,4 +127,5 @@ def build_responder(name: str, cfg: ResponderConfig,
     if client is None:
         raise ValueError(f"responder {name!r} of kind 'openai' needs an http client")
     return OpenAIResponder(name, cfg.url, cfg.model, client, cfg.fallback, api_key=cfg.api_key,
-                           timeout_s=cfg.timeout_s, system_prompt=cfg.system_prompt)
+                           timeout_s=cfg.timeout_s, system_prompt=cfg.system_prompt,
+                           policy=attrs.evolve(OPENAI_RETRY, attempts=cfg.attempts))

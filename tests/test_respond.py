@@ -329,11 +329,13 @@ async def test_build_responder(client: httpx.AsyncClient) -> None:
         rules=(RuleConfig(match="price", reply="$1", confidence=0.7),), fallback="?"), None)
     assert rules == RulesResponder("faq", (Rule("price", "$1", 0.7),), "?")
     cfg = ResponderConfig(kind="openai", url="http://127.0.0.1:1/v1/chat/completions",
-                          model="m", api_key=API_KEY, timeout_s=3.0, system_prompt="s")
+                          model="m", api_key=API_KEY, timeout_s=3.0, system_prompt="s",
+                          attempts=5)
     openai = build_responder("assistant", cfg, client)
     assert isinstance(openai, OpenAIResponder)
     assert (openai.url, openai.model, openai.api_key, openai.timeout_s, openai.system_prompt,
-            openai.client) == (cfg.url, "m", API_KEY, 3.0, "s", client)
+            openai.client, openai.policy.attempts) == (cfg.url, "m", API_KEY, 3.0, "s", client,
+                                                       5)
     assert API_KEY not in repr(openai)
     with pytest.raises(ValueError, match=r"^responder 'assistant' of kind 'openai' needs an "
                                          r"http client$"):

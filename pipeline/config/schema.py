@@ -286,6 +286,9 @@ class ResponderConfig:
     api_key: str = setting("", "bearer token of the endpoint", when=_OPENAI, secret=True,
                            env="PIPELINE_RESPONDER_{name}_API_KEY")
     timeout_s: float = setting(10.0, "time one completion may take", when=_OPENAI, gt=0)
+    attempts: int = setting(3, "tries of a failing endpoint (timeout, connection error, 429, "
+                            "5xx; 0.2 s doubling pauses) before the fallback answer",
+                            when=_OPENAI, ge=1)
     system_prompt: str = setting("You are a helpful assistant.", "system message", when=_OPENAI)
 
 
