@@ -37,7 +37,7 @@ import psutil
 import psycopg
 import trio
 
-from pipeline.bench import fresh_database, prepare_server
+from pipeline.bench import ServerCpu, fresh_database, prepare_server
 from pipeline.cli import bundled_day
 from pipeline.config import embedded_default
 from pipeline.pgcluster import SERVER_USER, throwaway_cluster
@@ -62,18 +62,6 @@ class Run:
         return self.messages / self.seconds
 
 
-def server_cpu(postmaster: psutil.Process) -> float:
-    t = postmaster.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in postmaster.children():
-        try:
-            c = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += c.user + c.system
-    return total
-
-
 def config_text(dsn: str) -> str:
     """The embedded default with the live bench's values in place."""
     values = {("database", "dsn"): json.dumps(dsn), ("webhook", "port"): "0",
@@ -92,7 +80,7 @@ def events(log: Path) -> list[RawEvent]:
     return [e for e in merge_logs([log]) if isinstance(e, RawEvent)]
 
 
-async def live_run(server: Any, postmaster: psutil.Process, log: list[RawEvent],
+async def live_run(server: Any, server_cpu: ServerCpu, log: list[RawEvent],
                    clients: int, n: int) -> Run:
     async with fresh_database(server, f"live_{n}") as name:
         conninfo = server.conninfo(name)
@@ -109,13 +97,14 @@ async def live_run(server: Any, postmaster: psutil.Process, log: list[RawEvent],
                 found = re.match(r"^listening on (\S+)$", first.strip())
                 if not found:
                     raise SystemExit(f"pipeline run did not start: {first!r}")
-                return await _feed(found.group(1), conninfo, proc.pid, postmaster, log, clients)
+                return await _feed(found.group(1), conninfo, proc.pid, server_cpu, log,
+                                   clients)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 await trio.to_thread.run_sync(proc.wait, 60)
 
 
-async def _feed(url: str, conninfo: str, pid: int, postmaster: psutil.Process,
+async def _feed(url: str, conninfo: str, pid: int, server_cpu: ServerCpu,
                 log: list[RawEvent], clients: int) -> Run:
     pipeline = psutil.Process(pid)
     acks: list[float] = []
@@ -131,7 +120,7 @@ async def _feed(url: str, conninfo: str, pid: int, postmaster: psutil.Process,
             if r.status_code not in (200, 400):
                 raise SystemExit(f"webhook answered {r.status_code}: {r.text[:200]}")
 
-    cpu0, server0 = sum(pipeline.cpu_times()[:2]), server_cpu(postmaster)
+    cpu0, server0 = sum(pipeline.cpu_times()[:2]), server_cpu.seconds()
     start = time.perf_counter()
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients),
                                  timeout=30) as http, trio.open_nursery() as nursery:
@@ -146,7 +135,7 @@ async def _feed(url: str, conninfo: str, pid: int, postmaster: psutil.Process,
             await trio.sleep(0.01)
         seconds = time.perf_counter() - start
         cpu_s = sum(pipeline.cpu_times()[:2]) - cpu0
-        server_s = server_cpu(postmaster) - server0
+        server_s = server_cpu.seconds() - server0
         (messages,) = db.execute(
             "SELECT count(*) + coalesce(sum(redeliveries), 0) FROM inbox"
             " WHERE action NOT IN ('ignored', 'invalid')").fetchone() or (0,)
@@ -156,15 +145,14 @@ async def _feed(url: str, conninfo: str, pid: int, postmaster: psutil.Process,
                acks[int(len(acks) * 0.99) - 1])
 
 
-async def baseline_run(server: Any, postmaster: psutil.Process, log: Path, n: int) -> Run:
+async def baseline_run(server: Any, server_cpu: ServerCpu, log: Path, n: int) -> Run:
     async with fresh_database(server, f"live_baseline_{n}") as name:
         dsn = f"postgresql://{SERVER_USER}@/{name}?host={server.socket_dir}&port={server.port}"
-        server0 = server_cpu(postmaster)
+        server0 = server_cpu.seconds()
         proc = await trio.run_process(
             [sys.executable, str(Path(__file__).with_name("bench_baseline.py")), "--dsn", dsn,
              "--log", str(log)], capture_stdout=True, capture_stderr=True, check=False)
-        await trio.sleep(0.3)  # its backends exit: their CPU is the postmaster's reaped
-        server_s = server_cpu(postmaster) - server0
+        server_s = await server_cpu.settled() - server0
     if proc.returncode != 0:
         raise SystemExit(f"the baseline failed: {proc.stderr.decode()[-2000:]}")
     r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -177,12 +165,12 @@ async def bench(args: argparse.Namespace) -> list[Run]:
     log = events(args.log)
     with throwaway_cluster("bench-live-", durable=True) as pg:
         server = await prepare_server(pg)
-        postmaster = psutil.Process(int((pg.data_dir / "postmaster.pid").read_text().split()[0]))
+        server_cpu = ServerCpu(pg.data_dir)
         for n in range(args.repeat):
             for mode in (("live", "baseline") if n % 2 == 0 else ("baseline", "live")):
-                run = (await live_run(server, postmaster, log, args.clients, n)
+                run = (await live_run(server, server_cpu, log, args.clients, n)
                        if mode == "live" else
-                       await baseline_run(server, postmaster, args.log, n))
+                       await baseline_run(server, server_cpu, args.log, n))
                 print(f"  {mode:8} {run.messages} msgs in {run.seconds:.2f} s = "
                       f"{run.rate:,.0f} msgs/s", file=sys.stderr)
                 runs.append(run)

@@ -37,11 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psutil
 import trio
 from loguru import logger
 
-from pipeline.bench import Server, fresh_database, measure_rtt, prepare_server, routed
+from pipeline.bench import (
+    Server,
+    ServerCpu,
+    fresh_database,
+    measure_rtt,
+    prepare_server,
+    routed,
+)
 from pipeline.cli import bundled_day
 from pipeline.config import load_config
 from pipeline.pgcluster import SERVER_USER, Cluster, throwaway_cluster
@@ -74,33 +80,6 @@ class Run:
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
-
-
-class ServerCpu:
-    """CPU seconds the PostgreSQL server spent: the postmaster, its live children (backends,
-    WAL writer, checkpointer...) and the children it has reaped (backends of closed
-    connections), read from /proc through psutil."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text()
-                                             .split()[0]))
-
-    def seconds(self) -> float:
-        t = self.postmaster.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in self.postmaster.children():
-            try:
-                c = child.cpu_times()
-            except psutil.NoSuchProcess:  # exited meanwhile: counted as reaped from now on
-                continue
-            total += c.user + c.system
-        return total
-
-    async def settled(self) -> float:
-        """After a run: once the run's backends have exited (their CPU is then the
-        postmaster's reaped children's)."""
-        await trio.sleep(0.3)
-        return self.seconds()
 
 
 SERVER_CPU: ServerCpu | None = None

@@ -64,7 +64,7 @@ medians and targets), ``report`` (what is printed), ``cli`` (the command line).
 
 from pipeline.bench.ceiling import plan_ceiling
 from pipeline.bench.cli import main
-from pipeline.bench.measure import measure_rtt
+from pipeline.bench.measure import ServerCpu, measure_rtt
 from pipeline.bench.report import log, report
 from pipeline.bench.runs import run_bench
 from pipeline.bench.server import Route, Server, fresh_database, prepare_server, routed
@@ -82,6 +82,7 @@ from pipeline.bench.workload import BenchEvent, generate
 
 __all__ = [
     "INSTANCE", "MODES", "PHONE_ID", "RULES", "BenchError", "BenchEvent", "Route", "Server",
+    "ServerCpu",
     "Settings", "Workload", "bench_config", "fresh_database", "generate", "log", "main",
     "measure_rtt", "plan_ceiling", "prepare_server", "report", "routed", "run_bench",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import attrs
 import psutil  # type: ignore[import-untyped]
@@ -67,6 +68,28 @@ def _cpu_s(process: psutil.Process) -> float | None:
     except psutil.Error:
         return None  # gone, or not ours to look at
     return float(times.user + times.system)
+
+
+class ServerCpu:
+    """CPU seconds a PostgreSQL server spent: its postmaster, the live children (backends,
+    WAL writer, checkpointer...) and the children it reaped (backends of closed connections:
+    a run's pool is gone when it is read)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        self.postmaster = psutil.Process(pid)
+
+    def seconds(self) -> float:
+        t = self.postmaster.cpu_times()
+        total = float(t.user + t.system + t.children_user + t.children_system)
+        for child in self.postmaster.children():
+            total += _cpu_s(child) or 0.0  # one that exited meanwhile counts as reaped
+        return total
+
+    async def settled(self) -> float:
+        """:meth:`seconds` once the backends of a run that just ended have exited."""
+        await trio.sleep(0.3)
+        return self.seconds()
 
 
 def cpu_ms_per_msg(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]],

@@ -280,17 +280,13 @@ class Console:
             nonce = secrets.token_hex(16)  # a script without a key accepts a resend
         if not _NONCE.fullmatch(nonce):
             return "bad key"
-        instance = await self._instance_of(conv)
-        dry = instance is None or instance.channel(self.dispatch).transport == "dry"
+        sending = [name for name, i in self.instances.items()
+                   if i.channel(self.dispatch).transport != "dry"]
         result = await self.store.reply(conv, agent.name, text, f"console:{conv}:{nonce}",
-                                        dry=dry)
-        if result == "done" and not dry:
-            self.queued()
+                                        sending=sending)
+        if result == "done" and sending:
+            self.queued()  # a row that is recorded as delivered makes it look, find nothing
         return result
-
-    async def _instance_of(self, conv: int) -> InstanceConfig | None:
-        name = await self.store.instance_of(conv)
-        return self.instances.get(name) if name else None
 
     def _static(self, name: str) -> Response:
         ctype = _STATIC.get(name)

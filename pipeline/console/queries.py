@@ -5,6 +5,7 @@ claims, two replies or a reply to a conversation that was handed back meanwhile.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -119,19 +120,16 @@ class ConsoleStore(Statements):
         return verdict(found, holder, wrote, agent, repeated=holder == agent)
 
     async def reply(self, conversation_id: int, agent: str, text: str, key: str, *,
-                    dry: bool) -> Result:
+                    sending: Sequence[str]) -> Result:
         """Queue an agent's reply in the outbox (claiming the escalation if nobody has):
-        ``key`` is the form's own idempotency key, so a resubmitted form sends nothing twice."""
+        ``key`` is the form's own idempotency key, so a resubmitted form sends nothing twice.
+        ``sending``: the instances whose channel sends (the others' rows are recorded as
+        delivered, like their assistant replies)."""
         (found, holder, wrote, repeated), = await self._all(_REPLY, {
             "conv": conversation_id, "agent": agent, "text": text, "key": key,
             "payload": Jsonb({"to": None, "text": text, "agent": agent}),
-            "status": "delivered" if dry else "pending"})
+            "sending": list(sending)})
         return verdict(found, holder, wrote, agent, repeated=repeated)
-
-    async def instance_of(self, conversation_id: int) -> str | None:
-        rows = await self._all("SELECT instance FROM conversations WHERE id = %s",
-                               (conversation_id,))
-        return str(rows[0][0]) if rows else None
 
     async def note(self, conversation_id: int, agent: str, text: str) -> Result:
         rows = await self._all(
@@ -203,7 +201,10 @@ SELECT EXISTS (SELECT 1 FROM e), (SELECT claimed_by FROM e), EXISTS (SELECT 1 FR
 """
 
 _REPLY = _OPEN + """, c AS (
-    SELECT c.id, c.instance, c.sender FROM conversations c, e
+    SELECT c.id, c.instance, c.sender,
+           CASE WHEN c.instance = ANY (%(sending)s::text[]) THEN 'pending'
+                ELSE 'delivered' END AS status
+    FROM conversations c, e
     WHERE c.id = %(conv)s AND """ + _FREE + """
 ), taken AS (
     UPDATE escalations x SET claimed_by = %(agent)s, claimed_at = now()
@@ -218,8 +219,8 @@ _REPLY = _OPEN + """, c AS (
     INSERT INTO outbox (idempotency_key, kind, instance, conversation_id, target, payload,
                         status, delivered_at)
     SELECT %(key)s, 'reply', c.instance, c.id, c.sender,
-           jsonb_set(%(payload)s, '{to}', to_jsonb(c.sender)), %(status)s,
-           CASE WHEN %(status)s = 'delivered' THEN now() END
+           jsonb_set(%(payload)s, '{to}', to_jsonb(c.sender)), c.status,
+           CASE WHEN c.status = 'delivered' THEN now() END
     FROM c WHERE EXISTS (SELECT 1 FROM said)
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING 1
