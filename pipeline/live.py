@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import trio
 from loguru import logger
@@ -20,7 +21,7 @@ from pipeline.console.app import Console
 from pipeline.console.queries import ConsoleStore
 from pipeline.db import Pool, open_pool
 from pipeline.engine import Inlets, Source
-from pipeline.intake import LiveIntake
+from pipeline.intake import LiveIntake, SharedWrites
 from pipeline.metrics import Metrics
 from pipeline.prometheus import Exporter, problems
 from pipeline.recorded_log import LogRecorder, RecordDirError
@@ -61,9 +62,12 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                                  connect_timeout_s=cfg.database.connect_timeout_s) as acks, \
                     trio.open_nursery() as nursery:
                 acks_store = Store(acks, cfg.database.query_timeout_s)
-                intake = LiveIntake(acks_store, instance_directory(cfg),
-                                    burst_rules(cfg).first_due,
-                                    phone=phone_rule(cfg))
+                first_due, phone = burst_rules(cfg).first_due, phone_rule(cfg)
+                # concurrent requests' bodies share statements and commits (group commit)
+                shared = SharedWrites(acks_store, first_due, phone, writers=ACK_CONNECTIONS)
+                await nursery.start(shared.run)
+                intake = LiveIntake(acks_store, instance_directory(cfg), first_due,
+                                    phone=phone, shared=shared)
                 exporter = Exporter(metrics, sink or OutcomeSink(), acks_store.figures,
                                     store.pool.stats)
                 readiness = partial(problems, acks_store.ping, acks_store.applied_migrations,
@@ -73,7 +77,7 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                                  metrics.stage("webhook"), recorder, exporter=exporter,
                                  readiness=readiness, console=console(cfg, store.pool, inlets))
                 url = await nursery.start(partial(
-                    serve, app, cfg.webhook.host, cfg.webhook.port,
+                    _serve_then_close, shared, app, cfg.webhook.host, cfg.webhook.port,
                     grace_s=cfg.pipeline.shutdown_grace_s, stopping=inlets.stopping))
                 ready(url)
         finally:
@@ -81,6 +85,16 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 recorder.close()
 
     return source
+
+
+async def _serve_then_close(shared: SharedWrites, *args: Any,
+                            task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+                            **kwargs: Any) -> None:
+    """The webhook server; once its last request is answered, the shared writes end."""
+    try:
+        await serve(*args, task_status=task_status, **kwargs)
+    finally:
+        shared.close()
 
 
 def console(cfg: Config, pool: Pool, inlets: Inlets) -> Console | None:
