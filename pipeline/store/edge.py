@@ -61,6 +61,10 @@ class Statements:
 
     async def _all(self, sql: str, params: Any = None,
                    timeout: float | None = None) -> list[tuple[Any, ...]]:
+        """Run one statement, prepared on the connection from its first execution: every
+        statement here is a constant, and psycopg's default (prepare at the sixth) makes the
+        server plan the large claim and commit statements five more times per connection --
+        a quarter of the server's time in a short replay (pg_stat_statements, issue 16)."""
         async with self._conn(timeout) as conn:
-            cur = await conn.execute(sql, params)
+            cur = await conn.execute(sql, params, prepare=True)
             return await cur.fetchall() if cur.description else []
