@@ -23,6 +23,7 @@ import trio
 from loguru import logger
 
 from pipeline.claims import Claimer, Watermark, WorkClock, wall_clock
+from pipeline.commits import SharedCommits
 from pipeline.config import Config
 from pipeline.context import ContextBatcher, ContextLoader, ContextQueries
 from pipeline.db import DatabaseError
@@ -269,17 +270,30 @@ class Pipeline:
         rules = escalation_rules(cfg)
         clock = claimer.clock
         retry = database_retry(cfg.database)
+        commits: Commits = self.commits or store
+        ended: list[Callable[[], None]] = [instances.close]
+        if self.commits is None:  # turns ending together share one commit statement
+            shared = SharedCommits(store, writers=max(1, cfg.database.pool_size // 4))
+            await nursery.start(shared.run)
+            commits = shared
+            ended.append(shared.close)
         path = [
             TurnStage("context", LoadContext(RetriedContexts(loader, retry)),
                       loader.batcher.close if loader.batcher else None),
             TurnStage("escalation", Escalation(rules)),
             TurnStage("respond", Respond(self.responders or responders(cfg, http), rules)),
             TurnStage("dispatch", Dispatch(
-                RetriedCommits(self.commits or store, retry), handover, dry_instances(cfg),
+                RetriedCommits(commits, retry), handover, dry_instances(cfg),
                 claimer.finished, (lambda: None) if clock.database else clock.now,
-                burst_rules(cfg).first_due, self.wake.notify), instances.close),
+                burst_rules(cfg).first_due, self.wake.notify),
+                partial(_call_all, ended)),
         ]
         await nursery.start(_run_turn_path, path, turns, done, m, keyed)
+
+
+def _call_all(calls: Sequence[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 async def _run_source(source: Source, inlets: Inlets) -> None:

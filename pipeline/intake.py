@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -16,6 +16,7 @@ from loguru import logger
 
 from pipeline.concurrency import Backoff, with_retry
 from pipeline.db import DatabaseError, DatabaseUnavailable
+from pipeline.grouped import Grouped, each_or_alone
 from pipeline.store import PhoneRule, Store
 from stages.intake import Accepted, finished, redact_body, redelivered, sort_parts
 from stages.parse import InstanceDirectory, parse_event
@@ -123,115 +124,67 @@ class InboxWrites(Protocol):
                               ) -> int: ...
 
 
-@attrs.define(eq=False)
-class _Job:
+@attrs.frozen
+class _Body:
     messages: Sequence[InboundMessage]
     receipts: Sequence[Receipt]
-    done: trio.Event = attrs.Factory(trio.Event)
-    stored: list[Stored] = attrs.Factory(list)
-    stored_all: bool = False  # messages and receipts
-    error: DatabaseError | None = None
 
 
 @attrs.define(eq=False)
 class SharedWrites:
-    """Live intake's writes, shared by the requests in flight (group commit): the bodies that
-    arrive while a write is under way leave together in the next one -- one statement for
-    all their messages, one for all their receipts, one commit and one WAL flush -- and each
-    request is answered once its own rows are committed. At low load a body leaves at once
-    (``writers`` statements may be under way; nobody waits for a batch to fill).
-
-    A batch the database refuses for its data is written body by body, so only the body at
-    fault gets the error; an unavailable database fails every body of the batch (each
-    request answers 503). A request cancelled while it waits does not stop its batch: its
-    rows may be stored without an answer, as when the connection drops after the commit --
-    the sender redelivers and dedupe counts it."""
+    """Live intake's writes, shared by the requests in flight (group commit,
+    :class:`pipeline.grouped.Grouped`): the bodies that arrive while a write is under way
+    leave together in the next one -- one statement for all their messages, one for all
+    their receipts, one commit -- and each request is answered once its own rows are
+    committed. A batch the database refuses for its data is written body by body, so only
+    the body at fault gets the error; an unavailable database fails every body of the batch
+    (each request answers 503)."""
 
     store: InboxWrites
     first_due: dt.timedelta = dt.timedelta(0)
     phone: PhoneRule = "record"
     writers: int = 2
-    max_batch: int = 100
-    _send: trio.MemorySendChannel[_Job] = attrs.field(init=False)
-    _recv: trio.MemoryReceiveChannel[_Job] = attrs.field(init=False)
-    #: statements' batches written so far (bodies per batch; for the tests and /metrics)
-    batches: int = attrs.field(init=False, default=0)
+    grouped: Grouped[_Body, list[Stored]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._send, self._recv = trio.open_memory_channel[_Job](self.max_batch)
+        self.grouped = Grouped(self._flush, writers=self.writers)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The writers, until :meth:`close` (whatever is queued by then is written)."""
-        async with self._recv, trio.open_nursery() as nursery:
-            for _ in range(self.writers):
-                nursery.start_soon(self._writer, self._recv.clone())
-            task_status.started()
+        await self.grouped.run(task_status=task_status)
 
     def close(self) -> None:
-        """No more bodies: the writers finish the queued ones and end."""
-        self._send.close()
+        self.grouped.close()
 
     async def write(self, messages: Sequence[InboundMessage], receipts: Sequence[Receipt]
                     ) -> list[Stored]:
         """Store one body's messages and receipts; return its messages as stored."""
-        job = _Job(messages, receipts)
-        await self._send.send(job)
-        await job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.stored
+        return await self.grouped(_Body(messages, receipts))
 
-    async def _writer(self, jobs: trio.MemoryReceiveChannel[_Job]) -> None:
-        async with jobs:
-            async for first in jobs:
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(jobs.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                try:
-                    self.batches += 1
-                    await self._phase(batch, self._messages)
-                    await self._phase([j for j in batch if j.error is None], self._receipts)
-                finally:  # cancelled too: nobody waits forever for a batch that is gone
-                    for job in batch:
-                        if not job.stored_all:
-                            job.error = job.error or DatabaseUnavailable(
-                                "the inbox write did not finish")
-                        job.done.set()
+    async def _flush(self, bodies: list[_Body]) -> list[list[Stored] | DatabaseError]:
+        results = await each_or_alone(bodies, self._messages)
+        kept = [i for i, r in enumerate(results) if not isinstance(r, DatabaseError)]
+        receipts = await each_or_alone([bodies[i] for i in kept], self._receipts)
+        for i, written in zip(kept, receipts, strict=True):
+            if isinstance(written, DatabaseError):
+                results[i] = written
+        return results
 
-    async def _phase(self, batch: list[_Job],
-                     write: Callable[[list[_Job]], Awaitable[None]]) -> None:
-        """One statement for the batch; body by body if its data is refused."""
-        try:
-            await write(batch)
-        except DatabaseUnavailable as exc:
-            for job in batch:
-                job.error = exc
-        except DatabaseError as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
-            else:  # one body spoils the statement: each alone, so only it fails
-                for job in batch:
-                    await self._phase([job], write)
-
-    async def _messages(self, batch: list[_Job]) -> None:
-        messages = [m for job in batch for m in job.messages]
+    async def _messages(self, bodies: Sequence[_Body]) -> list[list[Stored]]:
+        messages = [m for body in bodies for m in body.messages]
         stored = (await self.store.store_inbound(messages, self.first_due, stamp=True)
                   if messages else [])
-        at = 0
-        for job in batch:
-            job.stored = stored[at:at + len(job.messages)]
-            at += len(job.messages)
+        at, each = 0, []
+        for body in bodies:
+            each.append(stored[at:at + len(body.messages)])
+            at += len(body.messages)
+        return each
 
-    async def _receipts(self, batch: list[_Job]) -> None:
-        receipts = [r for job in batch for r in job.receipts]
+    async def _receipts(self, bodies: Sequence[_Body]) -> list[bool]:
+        receipts = [r for body in bodies for r in body.receipts]
         if receipts:  # recorded before the answer: a 200 means the outbox knows
             await self.store.record_receipts(receipts, self.phone)
-        for job in batch:
-            job.stored_all = True
+        return [True] * len(bodies)
 
 
 @attrs.define

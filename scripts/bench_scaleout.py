@@ -92,6 +92,7 @@ ANSWERED = ("replied", "escalated", "held")
 KINDS = (
     ("claim", "FOR UPDATE SKIP LOCKED"),
     ("commit", "WITH lease AS"),
+    ("commit", "jsonb_to_recordset($1::jsonb) AS t("),  # several turns (group commit)
     ("renew", "SET lease_until = now() +"),
     ("release", "SET lease_owner = NULL"),
     ("context", "INSERT INTO messages"),

@@ -34,7 +34,8 @@ def test_tiny_run_processes_every_message_exactly_once(tmp_path: Path,
         assert 0 < checks["ai_interactions"] <= load.turns, k
         assert len(run["outcomes_per_process"]) == int(k), k
         calls = {kind: v["calls"] for kind, v in run["statements"].items()}
-        assert calls["claim"] > 0 and calls["commit"] == load.turns, k
+        # group commit: turns that end together share a statement
+        assert calls["claim"] > 0 and 0 < calls["commit"] <= load.turns, k
         assert calls.get("context", 0) == 0, k  # mode claimed: the claims load the context
         assert run["rtt_under_load_ms"]["samples"] > 0, k
         assert run["cpu_ms_per_msg"]["server"] > 0, k

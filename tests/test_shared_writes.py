@@ -118,7 +118,7 @@ async def test_bodies_arriving_during_a_write_share_the_next_statement(
     results = await _accept_all(intake, gate, events)
     assert gate.inbound == [1, 9]  # the held body alone, then everyone who came meanwhile
     assert gate.receipts == [3]
-    assert intake.shared is not None and intake.shared.batches == 2
+    assert intake.shared is not None and intake.shared.grouped.batches == 2
     for i in range(10):  # each request gets its own message back, new
         accepted = results[i]
         assert isinstance(accepted, Accepted)
