@@ -212,10 +212,15 @@ WITH input AS (
     SELECT * FROM unnest(%(instances)b::text[], %(senders)b::text[], %(names)b::text[],
                          %(ats)b::timestamptz[], %(turns)b::text[])
              WITH ORDINALITY AS t(instance, sender, name, at, turn, ord)
+), locked AS (  -- in id order, like every statement that writes several conversations
+    SELECT c.id FROM conversations c
+    WHERE (c.instance, c.sender) IN (SELECT instance, sender FROM input) AND c.status = 'open'
+    ORDER BY c.id FOR UPDATE
 ), found AS (
     UPDATE conversations c SET last_message_at = greatest(c.last_message_at, i.at),
                                sender_name = coalesce(i.name, c.sender_name)
     FROM input i WHERE c.instance = i.instance AND c.sender = i.sender AND c.status = 'open'
+      AND (SELECT count(*) FROM locked) >= 0
     RETURNING c.id, c.instance, c.sender
 ), made AS (
     INSERT INTO conversations (instance, sender, sender_name, last_message_at)

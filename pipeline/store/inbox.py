@@ -147,12 +147,17 @@ WITH given AS (  -- live intake stamps received_at with the database's clock (`s
                 %(formats)b::text[], %(received)b::timestamptz[], %(messages)b::jsonb[],
                 %(repeats)b::int[]) WITH ORDINALITY
          AS u(instance, id, sender, format, received, message, repeats, ord)
+), locked AS (  -- first, in id order: statements that write several conversations (this,
+                -- a group commit, a renewal) take their locks in one order and never deadlock
+    SELECT c.id FROM conversations c
+    WHERE (c.instance, c.sender) IN (SELECT instance, sender FROM given) AND c.status = 'open'
+    ORDER BY c.id FOR UPDATE
 ), ins AS (
     INSERT INTO inbox (instance, message_id, sender, format, received_at, message, redeliveries)
     SELECT instance, id, sender, format, received,
            CASE WHEN %(stamp)b THEN jsonb_set(message, '{received_at}', to_jsonb(received))
                 ELSE message END, repeats
-    FROM given ORDER BY ord
+    FROM given WHERE (SELECT count(*) FROM locked) >= 0 ORDER BY ord
     ON CONFLICT (instance, message_id)
     DO UPDATE SET redeliveries = inbox.redeliveries + 1 + EXCLUDED.redeliveries
     RETURNING instance, message_id, sender, received_at, (xmax = 0) AS inserted

@@ -73,11 +73,14 @@ class LeaseStatements(Statements):
     async def renew(self, leases: Sequence[tuple[int, int]], lease_s: float) -> set[int]:
         """Extend the leases (conversation id, token) still held; return their tokens."""
         rows = await self._all(
-            "UPDATE conversations c SET lease_until = now() + %b"
+            "WITH locked AS (SELECT id FROM conversations WHERE id = ANY(%b::bigint[])"
+            " ORDER BY id FOR UPDATE)"  # in id order, like every multi-row write
+            " UPDATE conversations c SET lease_until = now() + %b"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
             " WHERE c.id = l.id AND c.lease_token = l.token AND c.lease_until IS NOT NULL"
-            " RETURNING c.lease_token",
-            (dt.timedelta(seconds=lease_s), [c for c, _ in leases], [t for _, t in leases]))
+            " AND (SELECT count(*) FROM locked) >= 0 RETURNING c.lease_token",
+            ([c for c, _ in leases], dt.timedelta(seconds=lease_s), [c for c, _ in leases],
+             [t for _, t in leases]))
         return {int(r[0]) for r in rows}
 
     async def lease_owners(self, prefix: str) -> list[str]:
@@ -98,11 +101,13 @@ class LeaseStatements(Statements):
     async def release_all(self, leases: Sequence[tuple[int, int]]) -> int:
         """Give back leases whose turns were cancelled (shutdown): due again at once."""
         rows = await self._all(
-            "UPDATE conversations c SET lease_owner = NULL, lease_until = NULL"
+            "WITH locked AS (SELECT id FROM conversations WHERE id = ANY(%b::bigint[])"
+            " ORDER BY id FOR UPDATE)"  # in id order, like every multi-row write
+            " UPDATE conversations c SET lease_owner = NULL, lease_until = NULL"
             " FROM unnest(%b::bigint[], %b::bigint[]) AS l(id, token)"
             " WHERE c.id = l.id AND c.lease_token = l.token AND c.lease_until IS NOT NULL"
-            " RETURNING c.id",
-            ([c for c, _ in leases], [t for _, t in leases]))
+            " AND (SELECT count(*) FROM locked) >= 0 RETURNING c.id",
+            ([c for c, _ in leases], [c for c, _ in leases], [t for _, t in leases]))
         return len(rows)
 
 
@@ -158,6 +163,10 @@ WITH t AS (
         name text, users jsonb, turn text, prompt text, has_ai boolean, responder text,
         ai_reply text, confidence double precision, fallback boolean, reply_text text,
         reply_id text, escalate boolean, reason text, outbox jsonb, ob_status text)
+), locked AS (  -- first, in id order, like every statement that writes several
+                -- conversations: no deadlock with intake or a renewal
+    SELECT c.id FROM conversations c WHERE c.id IN (SELECT t.conv FROM t)
+    ORDER BY c.id FOR UPDATE
 ), lease AS (
     UPDATE conversations c SET lease_owner = NULL, lease_until = NULL, attempts = 0,
         last_error = NULL, pending = c.pending - t.n,
@@ -170,12 +179,13 @@ WITH t AS (
             coalesce(t.now, clock_timestamp())) END
     FROM t
     WHERE c.id = t.conv AND c.lease_token = t.token AND c.lease_until IS NOT NULL
+      AND (SELECT count(*) FROM locked) >= 0
     RETURNING c.id, c.due_at
-), closed AS (
+), closed AS (  -- after the conversations' locks (the order intake takes them in too)
     UPDATE inbox SET status = 'processed', action = a.action, reason = a.reason,
                      turn_id = a.key, processed_at = now()
     FROM t, unnest(t.ids, t.actions, t.reasons, t.keys) AS a(id, action, reason, key)
-    WHERE inbox.id = a.id AND inbox.status = 'pending'
+    WHERE inbox.id = a.id AND inbox.status = 'pending' AND (SELECT count(*) FROM lease) >= 0
     RETURNING inbox.id
 ), ai AS (
     INSERT INTO ai_interactions (conversation_id, turn_id, responder, prompt, reply, confidence,
