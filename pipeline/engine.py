@@ -190,7 +190,8 @@ class Pipeline:
         cap = cfg.pipeline.channel_capacity
         rules = burst_rules(cfg)
         (done, done_r) = trio.open_memory_channel[Outcome](cap)
-        (raw, raw_r) = trio.open_memory_channel[RawEvent | Invalid](cap)
+        # intake writes what is waiting in one statement: its channel bounds the batch
+        (raw, raw_r) = trio.open_memory_channel[RawEvent | Invalid](cfg.pipeline.intake_batch)
         await nursery.start(collect_outcomes, done_r, self.sink)
         intake_done = trio.Event()
         claimer = None
@@ -232,7 +233,8 @@ class Pipeline:
             if claimer is not None:  # it may wait with nothing due: time to look, and end
                 claimer.wake.notify()
 
-        await nursery.start(_intake, intake, raw_r, done.clone(), m, cap, intake_ended)
+        await nursery.start(_intake, intake, raw_r, done.clone(), m, cfg.pipeline.intake_batch,
+                            intake_ended)
         return Inlets(raw, done, self.stopping, stored, self.wake.notify)
 
     async def _start_turn_stages(self, nursery: trio.Nursery,
