@@ -14,7 +14,6 @@ from typing import Protocol
 import attrs
 import trio
 
-from pipeline.db import DatabaseError
 from pipeline.grouped import Grouped, each_or_alone
 from stages.records import ClaimCommit, Committed
 
@@ -48,7 +47,7 @@ class SharedCommits:
     async def commit_claim(self, commit: ClaimCommit) -> Committed:
         return await self.grouped(commit)
 
-    async def _flush(self, commits: list[ClaimCommit]) -> list[Committed | DatabaseError]:
+    async def _flush(self, commits: list[ClaimCommit]) -> list[Committed | Exception]:
         return await each_or_alone(commits, self._write)
 
     async def _write(self, commits: Sequence[ClaimCommit]) -> list[Committed]:

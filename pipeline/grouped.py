@@ -16,21 +16,21 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
-from pipeline.db import DatabaseError, DatabaseUnavailable
+from pipeline.db import DatabaseUnavailable
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 #: what a batch's write returns for each of its items, in order: a result or the error the
 #: item's caller raises
-Flush = Callable[[list[T]], Awaitable[list["R | DatabaseError"]]]
+Flush = Callable[[list[T]], Awaitable[list["R | Exception"]]]
 
 
 @attrs.define(eq=False)
 class _Job(Generic[T, R]):
     item: T
     done: trio.Event = attrs.Factory(trio.Event)
-    outcome: R | DatabaseError | None = None
+    outcome: R | Exception | None = None
     finished: bool = False
 
 
@@ -71,7 +71,7 @@ class Grouped(Generic[T, R]):
         job = _Job[T, R](item)
         await self._send.send(job)
         await job.done.wait()
-        if isinstance(job.outcome, DatabaseError):
+        if isinstance(job.outcome, Exception):
             raise job.outcome
         return job.outcome  # type: ignore[return-value]  # set with finished
 
@@ -86,7 +86,10 @@ class Grouped(Generic[T, R]):
                         break
                 self.batches += 1
                 try:
-                    outcomes = await self.flush([job.item for job in batch])
+                    try:
+                        outcomes = await self.flush([job.item for job in batch])
+                    except Exception as exc:  # the whole batch failed: as its callers would
+                        outcomes = [exc] * len(batch)
                     for job, outcome in zip(batch, outcomes, strict=True):
                         job.outcome, job.finished = outcome, True
                 finally:  # cancelled too: nobody waits forever for a batch that is gone
@@ -98,19 +101,19 @@ class Grouped(Generic[T, R]):
 
 async def each_or_alone(items: Sequence[T],
                         write: Callable[[Sequence[T]], Awaitable[Sequence[R]]]
-                        ) -> list[R | DatabaseError]:
-    """``write`` all items in one statement; when the database refuses the statement for its
-    data (a :class:`DatabaseError`, a conflict), write them one by one, so that only the item
-    at fault gets the error. An unavailable database fails them all (each caller retries or
-    answers 503)."""
+                        ) -> list[R | Exception]:
+    """``write`` all items in one statement; when the statement fails for anything but an
+    unavailable database (the data refused, a conflict, a bug in building it), write them
+    one by one, so that only the item at fault gets the error -- as if each had been written
+    alone. An unavailable database fails them all (each caller retries or answers 503)."""
     try:
         return list(await write(items))
     except DatabaseUnavailable as exc:
         return [exc] * len(items)
-    except DatabaseError as exc:
+    except Exception as exc:
         if len(items) == 1:
             return [exc]
-    alone: list[R | DatabaseError] = []
+    alone: list[R | Exception] = []
     for item in items:
         alone += await each_or_alone([item], write)
     return alone

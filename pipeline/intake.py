@@ -161,12 +161,12 @@ class SharedWrites:
         """Store one body's messages and receipts; return its messages as stored."""
         return await self.grouped(_Body(messages, receipts))
 
-    async def _flush(self, bodies: list[_Body]) -> list[list[Stored] | DatabaseError]:
+    async def _flush(self, bodies: list[_Body]) -> list[list[Stored] | Exception]:
         results = await each_or_alone(bodies, self._messages)
-        kept = [i for i, r in enumerate(results) if not isinstance(r, DatabaseError)]
+        kept = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
         receipts = await each_or_alone([bodies[i] for i in kept], self._receipts)
         for i, written in zip(kept, receipts, strict=True):
-            if isinstance(written, DatabaseError):
+            if isinstance(written, Exception):
                 results[i] = written
         return results
 

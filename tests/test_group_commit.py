@@ -298,3 +298,43 @@ async def test_intake_and_a_batch_commit_never_deadlock(store: Store, conninfo: 
         assert deadlocks == [], round_
     assert sql(conninfo, "SELECT count(*) FROM inbox WHERE status = 'pending'") == [(12,)]
     assert sql(conninfo, "SELECT count(*) FROM outbox") == [(12 * 20,)]
+
+
+async def test_a_turn_that_cannot_be_encoded_fails_alone(store: Store, conninfo: str) -> None:
+    """Not a database error but a bug-shaped one (an outbox payload JSON cannot encode): the
+    batch is split like for a refused row, the turn's caller gets the error -- as it would
+    writing alone -- and the writer goes on (it does not take the pipeline down)."""
+    await seed(store, *(message(f"s{n}", 1, n, f"oi {n}") for n in range(4)))
+    turns = await claim_all(store, 4)
+    broken = commit_of(turns["s2"][1])
+    assert broken.effects is not None
+    (key, kind, target, _), = broken.effects.outbox
+    broken = attrs.evolve(broken, effects=attrs.evolve(
+        broken.effects, outbox=((key, kind, target, {"text": {"not", "json"}}),)))
+    gate = Gated(store)
+
+    async def commit(c: ClaimCommit) -> Committed | Exception:
+        try:
+            return await shared.commit_claim(c)
+        except Exception as exc:  # the error is the result here
+            return exc
+
+    shared = SharedCommits(gate, writers=1)
+    results: dict[str, Committed | Exception] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shared.run)
+        async with trio.open_nursery() as lanes:
+            lanes.start_soon(shared.commit_claim, commit_of(turns["s0"][1]))
+            await gate.entered.wait()
+            for name, c in (("s1", commit_of(turns["s1"][1])), ("s2", broken),
+                            ("s3", commit_of(turns["s3"][1]))):
+                async def one(name: str = name, c: ClaimCommit = c) -> None:
+                    results[name] = await commit(c)
+                lanes.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+        shared.close()
+    assert gate.batches == [3]
+    assert isinstance(results["s2"], Exception) and not isinstance(results["s2"], Committed)
+    assert all(isinstance(results[s], Committed) for s in ("s1", "s3"))
+    assert sql(conninfo, "SELECT sender FROM inbox WHERE status = 'pending'") == [("s2",)]
