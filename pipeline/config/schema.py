@@ -41,7 +41,8 @@ class PipelineConfig:
     """``[pipeline]``: bounds of the whole pipeline."""
 
     max_active_conversations: int = setting(64, "conversations processed at once", ge=1)
-    channel_capacity: int = setting(16, "bound of every channel between stages", ge=1)
+    channel_capacity: int = setting(16, "bound of the channels between stages (before "
+                                    "intake: intake_batch)", ge=1)
     intake_batch: int = setting(256, "most events a replay's intake stores in one statement "
                                 "(also the bound of the channel before it)", ge=1)
     shutdown_grace_s: float = setting(10.0, "time in-flight turns get on SIGINT/SIGTERM", ge=0)
