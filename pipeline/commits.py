@@ -8,7 +8,7 @@ would get alone."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
@@ -32,10 +32,12 @@ class SharedCommits:
     store: BatchCommits
     writers: int = 2
     max_batch: int = 64
+    on_batch: Callable[[int], None] = lambda size: None
     grouped: Grouped[ClaimCommit, Committed] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.grouped = Grouped(self._flush, writers=self.writers, max_batch=self.max_batch)
+        self.grouped = Grouped(self._flush, writers=self.writers, max_batch=self.max_batch,
+                               on_batch=self.on_batch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

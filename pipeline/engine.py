@@ -275,7 +275,8 @@ class Pipeline:
         commits: Commits = self.commits or store
         ended: list[Callable[[], None]] = [instances.close]
         if self.commits is None:  # turns ending together share one commit statement
-            shared = SharedCommits(store, writers=max(1, cfg.database.pool_size // 4))
+            shared = SharedCommits(store, writers=max(1, cfg.database.pool_size // 4),
+                                   on_batch=m.tally("commit batches"))
             await nursery.start(shared.run)
             commits = shared
             ended.append(shared.close)

@@ -46,6 +46,8 @@ class Grouped(Generic[T, R]):
     flush: Flush[T, R]
     writers: int = 2
     max_batch: int = 100
+    #: told each batch's size as it leaves (the metrics count batches)
+    on_batch: Callable[[int], None] = lambda size: None
     #: batches written so far (for the tests and the benchmarks)
     batches: int = attrs.field(init=False, default=0)
     _send: trio.MemorySendChannel[_Job[T, R]] = attrs.field(init=False)
@@ -85,6 +87,7 @@ class Grouped(Generic[T, R]):
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 self.batches += 1
+                self.on_batch(len(batch))
                 try:
                     try:
                         outcomes = await self.flush([job.item for job in batch])

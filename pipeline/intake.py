@@ -144,10 +144,11 @@ class SharedWrites:
     first_due: dt.timedelta = dt.timedelta(0)
     phone: PhoneRule = "record"
     writers: int = 2
+    on_batch: Callable[[int], None] = lambda size: None
     grouped: Grouped[_Body, list[Stored]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.grouped = Grouped(self._flush, writers=self.writers)
+        self.grouped = Grouped(self._flush, writers=self.writers, on_batch=self.on_batch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

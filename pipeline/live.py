@@ -64,7 +64,8 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 acks_store = Store(acks, cfg.database.query_timeout_s)
                 first_due, phone = burst_rules(cfg).first_due, phone_rule(cfg)
                 # concurrent requests' bodies share statements and commits (group commit)
-                shared = SharedWrites(acks_store, first_due, phone, writers=ACK_CONNECTIONS)
+                shared = SharedWrites(acks_store, first_due, phone, writers=ACK_CONNECTIONS,
+                                      on_batch=metrics.tally("inbox write batches"))
                 await nursery.start(shared.run)
                 intake = LiveIntake(acks_store, instance_directory(cfg), first_due,
                                     phone=phone, shared=shared)

@@ -85,6 +85,13 @@ class Metrics:
             self.stages[name] = StageMetrics(name, clock=self.item_clock)
         return self.stages[name]
 
+    def tally(self, name: str) -> Callable[[int], None]:
+        """A callback that counts one ``name`` per call (a batch that left; its size is
+        not counted)."""
+        def count(size: int) -> None:
+            self.counters[name] += 1
+        return count
+
     def operation(self, name: str) -> Histogram:
         """Latency of a named operation inside a stage (a query, a responder call...)."""
         if name not in self.operations:

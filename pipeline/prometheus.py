@@ -45,7 +45,11 @@ COUNTERS = {"claims": "conversations claimed", "claims lost": "commits refused: 
             "lease expiries": "conversations claimed after their lease expired (a process "
                               "died or stalled)",
             "failed turns": "turns that failed and were given back",
-            "lease renewals": "lease renewal statements"}
+            "lease renewals": "lease renewal statements",
+            "commit batches": "batches of turn commits written together (group commit: "
+                              "fewer than turns when turns end at the same time)",
+            "inbox write batches": "batches of webhook bodies stored together (concurrent "
+                                   "requests share a statement)"}
 
 
 def cumulative(histogram: Histogram, bounds_s: Sequence[float]) -> list[tuple[str, float]]:

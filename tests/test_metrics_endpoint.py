@@ -55,8 +55,12 @@ async def test_metrics_and_readiness_of_a_running_process(cluster: Cluster, dbna
     for name in ("pipeline_messages", "pipeline_turn_seconds", "pipeline_stage_seconds",
                  "pipeline_stage_queue_depth", "pipeline_db_pool_in_use",
                  "pipeline_outbox_rows", "pipeline_dead_letters", "pipeline_claims",
-                 "pipeline_leases_lost", "pipeline_database_up"):
+                 "pipeline_leases_lost", "pipeline_database_up", "pipeline_commit_batches",
+                 "pipeline_inbox_write_batches"):
         assert name in families, name
+    # group commit: at least one batch each, never more batches than bodies or turns
+    for name in ("pipeline_commit_batches", "pipeline_inbox_write_batches"):
+        assert 1 <= families[name].samples[0].value <= len(bodies), name
     messages = {(s.labels["instance"], s.labels["action"]): s.value
                 for s in families["pipeline_messages"].samples if s.name.endswith("_total")}
     assert sum(v for (inst, _), v in messages.items() if inst == "demo") >= len(bodies)
