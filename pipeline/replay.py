@@ -39,7 +39,7 @@ from pipeline.claims import WorkClock
 from pipeline.config import Config
 from pipeline.database import DEFAULT_DBNAME, fresh_dbname, open_store
 from pipeline.engine import Inlets, Pipeline
-from pipeline.metrics import Metrics
+from pipeline.metrics import Histogram, Metrics
 from pipeline.progress import Progress
 from pipeline.recorded_log import LogError, merge_logs
 from pipeline.report import ReportCollector
@@ -98,6 +98,13 @@ class ReplayResult:
     round_trips: int
     #: the targets a production config names that this replay did not send to
     not_sent_to: tuple[str, ...] = ()
+    #: real milliseconds from an event entering the pipeline (taken by the channel before
+    #: intake) to each of its user messages' outcome line
+    message_ms: Histogram = attrs.Factory(Histogram)
+
+
+#: events whose entry time is kept for ``ReplayResult.message_ms`` (older ones are dropped)
+_TIMED_EVENTS = 100_000
 
 
 def _as_event(item: RawEvent | LogError) -> RawEvent | Invalid:
@@ -167,6 +174,15 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
 
         sink.observers.append(observe)
 
+    message_ms = Histogram()
+    entered: dict[str, float] = {}  # event origin -> when the pipeline took it
+
+    def timed(outcome: Outcome, at: float) -> None:
+        if outcome.action not in ("ignored", "invalid") and outcome.origin in entered:
+            message_ms.record((at - entered[outcome.origin]) * 1000)
+
+    sink.observers.append(timed)
+
     async def source(inlets: Inlets) -> None:
         nonlocal count, last
         timeline.t0 = trio.current_time()
@@ -179,6 +195,10 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
                 last = max(last, item.received_at)
             count += 1
             await inlets.raw.send(_as_event(item))
+            if isinstance(item, RawEvent):
+                entered[item.origin] = trio.current_time()
+                if len(entered) > _TIMED_EVENTS:  # bounded: the oldest are long answered
+                    del entered[next(iter(entered))]
             if progress is not None:
                 progress.update(count)
 
@@ -198,7 +218,7 @@ async def replay(cfg: Config, logs: Sequence[Path], *, out: TextIO | None = None
                     else (trio.current_time() - clock_start) * choice.speed)
         return ReplayResult(count, time.perf_counter() - start, recorded, sink,
                             pipeline.metrics, dbname if not cfg.database.dsn else "(dsn)",
-                            store.round_trips, not_sent_to)
+                            store.round_trips, not_sent_to, message_ms)
 
 
 def summary(result: ReplayResult, *, kept: bool) -> str:

@@ -71,6 +71,10 @@ async def test_burst_windows_follow_recorded_time(
     result = await replay(config_on(cluster, tmp_path), [sample_log()])
     assert 589 < result.virtual_s < 600  # the log's span
     assert result.sink.actions["merged"] == 9
+    # every user message's real latency, from entering the pipeline to its outcome, is kept
+    users = sum(n for a, n in result.sink.actions.items() if a not in ("ignored", "invalid"))
+    assert result.message_ms.count == users > 0
+    assert 0 < result.message_ms.percentile(50) <= result.message_ms.percentile(99)
 
 
 async def test_report_from_a_replay(cluster: Cluster, tmp_path: Path) -> None:
