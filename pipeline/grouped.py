@@ -48,8 +48,6 @@ class Grouped(Generic[T, R]):
     max_batch: int = 100
     #: told each batch's size as it leaves (the metrics count batches)
     on_batch: Callable[[int], None] = lambda size: None
-    #: batches written so far (for the tests and the benchmarks)
-    batches: int = attrs.field(init=False, default=0)
     _send: trio.MemorySendChannel[_Job[T, R]] = attrs.field(init=False)
     _recv: trio.MemoryReceiveChannel[_Job[T, R]] = attrs.field(init=False)
 
@@ -86,7 +84,6 @@ class Grouped(Generic[T, R]):
                         batch.append(jobs.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                self.batches += 1
                 self.on_batch(len(batch))
                 try:
                     try:

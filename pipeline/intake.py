@@ -191,28 +191,18 @@ class SharedWrites:
 @attrs.define
 class LiveIntake:
     """Intake for the webhook server: parse one body and store its messages *before* the
-    request is acknowledged. Store errors propagate (the server answers 503). With
-    ``shared``, the writes of concurrent requests go together (:class:`SharedWrites`)."""
+    request is acknowledged, through ``writes`` (shared with the requests in flight). Store
+    errors propagate (the server answers 503)."""
 
     store: Store
     directory: InstanceDirectory
-    first_due: dt.timedelta = dt.timedelta(0)
-    #: what an own-number message the pipeline did not send does (``record`` or ``hold``)
-    phone: PhoneRule = "record"
-    shared: SharedWrites | None = None
+    writes: SharedWrites
 
     async def accept(self, event: RawEvent) -> Accepted:
         parts = sort_parts(parse_event(event, self.directory))
         invalid = tuple(p for p in parts.ended if isinstance(p, Invalid))
-        if self.shared is not None:
-            stored = (await self.shared.write(parts.messages, parts.receipts)
-                      if parts.messages or parts.receipts else [])
-        else:
-            stored = (await self.store.store_inbound(parts.messages, self.first_due,
-                                                     stamp=True)
-                      if parts.messages else [])
-            if parts.receipts:  # recorded before the answer: a 200 means the outbox knows
-                await self.store.record_receipts(parts.receipts, self.phone)
+        stored = (await self.writes.write(parts.messages, parts.receipts)
+                  if parts.messages or parts.receipts else [])
         for item in invalid:
             await self.store.dead_letter("intake", item, json.dumps(redact_body(event.body)))
         return Accepted(tuple(stored), tuple(finished(p, event.received_at) for p in parts.ended),

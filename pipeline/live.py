@@ -67,14 +67,13 @@ def live_source(cfg: Config, store: Store, metrics: Metrics,
                 shared = SharedWrites(acks_store, first_due, phone, writers=ACK_CONNECTIONS,
                                       on_batch=metrics.tally("inbox write batches"))
                 await nursery.start(shared.run)
-                intake = LiveIntake(acks_store, instance_directory(cfg), first_due,
-                                    phone=phone, shared=shared)
+                intake = LiveIntake(acks_store, instance_directory(cfg), shared)
                 exporter = Exporter(metrics, sink or OutcomeSink(), acks_store.figures,
                                     store.pool.stats)
                 readiness = partial(problems, acks_store.ping, acks_store.applied_migrations,
                                     inlets.stopping.is_set)
                 app = WebhookApp(cfg.webhook, intake,
-                                 partial(_handover, inlets, intake.first_due),
+                                 partial(_handover, inlets, first_due),
                                  metrics.stage("webhook"), recorder, exporter=exporter,
                                  readiness=readiness, console=console(cfg, store.pool, inlets))
                 url = await nursery.start(partial(

@@ -24,7 +24,7 @@ from pipeline.console import auth
 from pipeline.console.app import Console
 from pipeline.console.queries import ConsoleStore, verdict
 from pipeline.console.views import duration, window
-from pipeline.intake import LiveIntake
+from pipeline.intake import LiveIntake, SharedWrites
 from pipeline.metrics import Metrics
 from pipeline.store import InstanceRow, Store
 from pipeline.webhook import WebhookApp, serve
@@ -150,9 +150,12 @@ async def site(store: Store, conninfo: str) -> AsyncIterator[Site]:
     queued: list[int] = []
     console = Console(ConsoleConfig(token=TOKEN), ConsoleStore(store.pool, 5.0), INSTANCES,
                       DispatchConfig(), queued=lambda: queued.append(1))
-    app = WebhookApp(WebhookConfig(port=0), LiveIntake(store, InstanceDirectory({}, {})),
+    writes = SharedWrites(store)
+    app = WebhookApp(WebhookConfig(port=0),
+                     LiveIntake(store, InstanceDirectory({}, {}), writes),
                      _nothing, Metrics().stage("webhook"), console=console)
     async with trio.open_nursery() as nursery:
+        await nursery.start(writes.run)
         url = await nursery.start(partial(serve, app, "127.0.0.1", 0, grace_s=1,
                                           stopping=trio.Event()))
         yield Site(url, conninfo, queued)

@@ -20,7 +20,7 @@ from loguru import logger
 from test_webhook import DIRECTORY, SECRET, Server, _start, cloud_body, signed
 
 from pipeline.config import WebhookConfig
-from pipeline.intake import LiveIntake
+from pipeline.intake import LiveIntake, SharedWrites
 from pipeline.metrics import Metrics, StageMetrics, summary_table
 from pipeline.recorded_log import LogRecorder, RecordDirError, read_log
 from pipeline.store import Store
@@ -158,7 +158,8 @@ async def test_a_lasting_record_dir_error_is_logged_again_only_after_a_while(
 ) -> None:
     (tmp_path / "file").write_text("not a folder")
     bad, full = LogRecorder(tmp_path / "file" / "rec"), LogRecorder(full_disk(tmp_path / "rec"))
-    app = WebhookApp(WebhookConfig(), LiveIntake(store, DIRECTORY), _nothing,
+    app = WebhookApp(WebhookConfig(), LiveIntake(store, DIRECTORY, SharedWrites(store)),
+                     _nothing,
                      Metrics().stage("webhook"))
     infos: list[str] = []
     sink = logger.add(lambda m: infos.append(str(m).rstrip("\n")), level="INFO",

@@ -87,9 +87,9 @@ async def _accept_all(intake: LiveIntake, gate: Gated, events: list[RawEvent]
         except DatabaseError as exc:
             results[i] = exc
 
-    assert intake.shared is not None
+    assert intake.writes is not None
     async with trio.open_nursery() as nursery:
-        await nursery.start(intake.shared.run)
+        await nursery.start(intake.writes.run)
         async with trio.open_nursery() as requests:
             requests.start_soon(one, 0)
             await gate.entered.wait()
@@ -97,7 +97,7 @@ async def _accept_all(intake: LiveIntake, gate: Gated, events: list[RawEvent]
                 requests.start_soon(one, i)
             await trio.testing.wait_all_tasks_blocked()
             gate.release.set()
-        intake.shared.close()
+        intake.writes.close()
     return results
 
 
@@ -108,7 +108,7 @@ async def gate(store: Store) -> Gated:
 
 
 def _intake(store: Store, gate: Gated, writers: int = 1) -> LiveIntake:
-    return LiveIntake(store, DIRECTORY, shared=SharedWrites(gate, writers=writers))
+    return LiveIntake(store, DIRECTORY, SharedWrites(gate, writers=writers))
 
 
 async def test_bodies_arriving_during_a_write_share_the_next_statement(
@@ -118,7 +118,6 @@ async def test_bodies_arriving_during_a_write_share_the_next_statement(
     results = await _accept_all(intake, gate, events)
     assert gate.inbound == [1, 9]  # the held body alone, then everyone who came meanwhile
     assert gate.receipts == [3]
-    assert intake.shared is not None and intake.shared.grouped.batches == 2
     for i in range(10):  # each request gets its own message back, new
         accepted = results[i]
         assert isinstance(accepted, Accepted)
@@ -173,10 +172,10 @@ async def test_a_request_that_gives_up_does_not_stop_its_batch(store: Store, gat
     """A client that disconnects while its body is queued: the batch is written for the
     others (its own row too -- as after a connection lost right after a commit)."""
     intake = _intake(store, gate)
-    assert intake.shared is not None
+    assert intake.writes is not None
     results: list[Accepted] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(intake.shared.run)
+        await nursery.start(intake.writes.run)
 
         async def one(event: RawEvent) -> None:
             results.append(await intake.accept(event))
@@ -191,7 +190,7 @@ async def test_a_request_that_gives_up_does_not_stop_its_batch(store: Store, gat
                     await trio.testing.wait_all_tasks_blocked()
                     gone.cancel()
             gate.release.set()
-        intake.shared.close()
+        intake.writes.close()
     assert gate.inbound == [1, 2]
     assert sorted(s.message.message_id for r in results for s in r.stored) == [
         "wamid.0", "wamid.2"]
@@ -203,7 +202,7 @@ async def test_closing_finishes_the_queued_bodies(store: Store, gate: Gated,
     """Shutdown: the server stops, then close() -- whatever is queued is written first."""
     gate.release.set()
     shared = SharedWrites(gate, writers=2)
-    intake = LiveIntake(store, DIRECTORY, shared=shared)
+    intake = LiveIntake(store, DIRECTORY, shared)
     done: list[Accepted] = []
 
     async def one(n: int) -> None:

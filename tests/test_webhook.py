@@ -19,7 +19,7 @@ from conftest import sql
 
 from pipeline.config import WebhookConfig
 from pipeline.db import open_pool
-from pipeline.intake import LiveIntake
+from pipeline.intake import LiveIntake, SharedWrites
 from pipeline.metrics import Metrics
 from pipeline.recorded_log import LogRecorder, read_log
 from pipeline.store import InstanceRow, Store
@@ -63,7 +63,10 @@ async def _start(nursery: trio.Nursery, store: Store, cfg: WebhookConfig,
     async def handover(a: Accepted) -> None:
         accepted.append(a)
 
-    app = WebhookApp(cfg, LiveIntake(store, DIRECTORY), handover, Metrics().stage("webhook"),
+    writes = SharedWrites(store)  # as `pipeline run` does: requests share their writes
+    await nursery.start(writes.run)
+    app = WebhookApp(cfg, LiveIntake(store, DIRECTORY, writes), handover,
+                     Metrics().stage("webhook"),
                      recorder)
     stopping = trio.Event()
     url = await nursery.start(partial(serve, app, "127.0.0.1", 0, grace_s=1,
